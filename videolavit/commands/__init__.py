@@ -1,0 +1,7 @@
+"""Non-training subcommands of ``python -m videolavit``.
+
+Each entry maps a subcommand to a module that defines ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(args) -> int``. Only commands that work are listed here.
+"""
+
+COMMANDS: dict[str, str] = {}
