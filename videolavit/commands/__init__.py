@@ -4,4 +4,7 @@ Each entry maps a subcommand to a module that defines ``HELP`` (one line), ``add
 and ``run(args) -> int``. Only commands that work are listed here.
 """
 
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "prepare": "videolavit.commands.prepare",
+    "synth": "videolavit.commands.synth",
+}
