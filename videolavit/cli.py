@@ -1,0 +1,60 @@
+"""LightningCLI for the training stages: ``python -m videolavit fit --config experiments/<stage>.yaml``.
+
+Stages (``stages.*``) and the DataModule are chosen in YAML with ``class_path``/``init_args``. Two
+Lightning behaviours that silently lose work are turned into errors here: ``--ckpt_path last`` that
+finds no checkpoint (Lightning would start from scratch), and ``--ckpt_path`` combined with a stage's
+``init_from`` (resuming restores the run; ``init_from`` starts a new one from another stage's export).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+
+class ConfigError(ValueError):
+    """A training configuration that would silently do the wrong thing."""
+
+
+class VideoLavitCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        torch.set_float32_matmul_precision("high")
+
+    def _check_resume(self) -> None:
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        init_from = getattr(self.model, "init_from", None)
+        if init_from:
+            raise ConfigError(
+                f"both --ckpt_path={ckpt_path} and model.init_from={init_from} are set: --ckpt_path resumes this "
+                "stage's run (weights, optimizer, step) while init_from starts a new run from another stage's "
+                "export. To resume, add --model.init_from null.")
+        if ckpt_path == "last":
+            dirs = [Path(cb.dirpath) for cb in self.trainer.callbacks
+                    if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None]
+            if not dirs:
+                raise ConfigError("--ckpt_path last needs a ModelCheckpoint with a fixed dirpath (with the default "
+                                  "log dir every run is a new version and Lightning would start from scratch)")
+            if not any(d.is_dir() and any(d.glob("last*.ckpt")) for d in dirs):
+                raise ConfigError(f"--ckpt_path last: no last*.ckpt in {[str(d) for d in dirs]}")
+
+    def before_fit(self) -> None:
+        self._check_resume()
+
+
+def run_lightning_cli(argv: list[str]) -> VideoLavitCLI:
+    return VideoLavitCLI(
+        model_class=pl.LightningModule,
+        subclass_mode_model=True,
+        datamodule_class=pl.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        auto_configure_optimizers=False,
+    )
