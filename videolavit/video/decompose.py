@@ -144,8 +144,9 @@ def reencode(source: VideoSource, cfg: DecomposeConfig = DecomposeConfig()) -> t
         stream.thread_type = "AUTO" if cfg.threads > 1 else "SLICE"
         stream.codec_context.thread_count = cfg.threads
         src_w, src_h = stream.codec_context.width, stream.codec_context.height
-        if not src_w or not src_h:
-            raise errors.VideoSkip(errors.UNREADABLE, "video stream without a frame size")
+        if not src_w or not src_h or stream.codec_context.format is None:
+            raise errors.VideoSkip(errors.UNREADABLE, "video stream without a frame size or pixel format "
+                                                      "(truncated or corrupt)")
         if min(src_w, src_h) < cfg.min_side:
             raise errors.VideoSkip(errors.TOO_SMALL, f"{src_w}x{src_h} < {cfg.min_side} px")
         width, height = output_size(src_w, src_h, cfg.max_short_side)
