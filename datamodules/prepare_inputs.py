@@ -127,8 +127,8 @@ def iter_unit_items(unit: Unit, root: str | Path, captions: dict[str, str] | Non
 def _iter_tar(path: str, captions: dict[str, str] | None) -> Iterator[InputItem]:
     """video2dataset-style samples (``key.mp4`` + ``key.txt`` + ``key.json``) of one tar.
 
-    A tar that ends early yields what it holds; the damage is reported as a final item without
-    video bytes so the caller counts it.
+    A tar that ends early yields the samples it holds in full; the damage (and the sample it cut) is
+    reported as a final item without video bytes so the caller counts it.
     """
     groups: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
@@ -144,7 +144,9 @@ def _iter_tar(path: str, captions: dict[str, str] | None) -> Iterator[InputItem]
                     order.append(key)
                 groups[key][ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
-        order.append(f"__truncated__:{Path(path).name}:{type(exc).__name__}: {exc}")
+        # The sample being read when the tar broke may lack members: it is lost to the truncation.
+        cut = order.pop() if order else "-"
+        order.append(f"__truncated__:{Path(path).name}/{cut}:{type(exc).__name__}: {exc}")
     for key in order:
         if key.startswith("__truncated__:"):
             yield InputItem(source_id=key, data=None, source_meta={"truncated_tar": path})
