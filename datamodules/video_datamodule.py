@@ -22,9 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import skip_tracker
 from datamodules.shard_list import resolve_shards, split_by_rank
-from datamodules.skip_tracker import SKIPS, SKIPS_KEY
+from datamodules.skip_tracker import SKIPS_KEY
+from datamodules.tar_reader import tar_samples
 from datamodules.views import SampleView, build_view
-from videolavit.video import errors
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,6 @@ log = logging.getLogger(__name__)
 def _worker_seed(rank: int) -> int:
     info = torch.utils.data.get_worker_info()
     return rank * 1000 + (info.id if info is not None else 0)
-
-
-def shard_read_error(exc: Exception) -> bool:
-    """webdataset handler: count and log a broken shard / member, then keep going."""
-    where = next((a for a in getattr(exc, "args", ()) if isinstance(a, str) and ".tar" in a), "?")
-    reason = errors.TRUNCATED_SHARD if "tar" in type(exc).__name__.lower() or "EOF" in type(exc).__name__ \
-        or "truncat" in str(exc).lower() or "unexpected end" in str(exc).lower() else errors.CORRUPT_SAMPLE
-    SKIPS.record(where, reason, f"{type(exc).__name__}: {exc}")
-    return True
 
 
 def _take_rank_samples(samples: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
@@ -121,7 +112,7 @@ class VideoDataModule(pl.LightningDataModule):
         pipeline = wds.DataPipeline(
             wds.ResampledShards(urls, seed=self.seed, deterministic=True,
                                 worker_seed=functools.partial(_worker_seed, self.rank)),
-            wds.tarfile_to_samples(handler=shard_read_error),
+            tar_samples,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100)),
             _ViewStage(self.view, True, self.seed, self.rank),
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100)),
@@ -140,7 +131,7 @@ class VideoDataModule(pl.LightningDataModule):
         workers = min(self.num_workers, len(mine))  # never more workers than shards
         if workers > 0:
             stages.append(_split_by_worker)
-        stages.append(wds.tarfile_to_samples(handler=shard_read_error))
+        stages.append(tar_samples)
         if by_sample:
             stages.append(functools.partial(_take_rank_samples, rank=self.rank, world_size=self.world_size))
         per_device = math.ceil(self.val_batch_size / self.world_size)
