@@ -5,6 +5,7 @@ and ``run(args) -> int``. Only commands that work are listed here.
 """
 
 COMMANDS: dict[str, str] = {
+    "demo": "videolavit.commands.demo",
     "prepare": "videolavit.commands.prepare",
     "synth": "videolavit.commands.synth",
 }
