@@ -78,10 +78,11 @@ def iter_tar_samples(url: str, required: tuple[str, ...] = FIELDS) -> Iterator[d
             lost = f"after {pending['__key__']}" if pending is not None else "-"
     except (tarfile.TarError, OSError, EOFError) as exc:
         lost = f"{pending['__key__'] if pending else '-'} ({type(exc).__name__}: {exc})"
-    finally:
-        close = getattr(raw, "close", None)
-        if close is not None:
-            close()
+    try:
+        raw.close()  # a pipe: command reports its failure (non-zero exit) here
+    except Exception as exc:
+        lost = lost or "-"
+        lost += f" (close: {type(exc).__name__}: {exc})"
     if pending is not None and (lost is None or all(f in pending for f in required)):
         yield pending
     if lost is not None:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import skip_tracker
 from datamodules.shard_list import resolve_shards, split_by_rank
-from datamodules.skip_tracker import SKIPS_KEY
+from datamodules.skip_tracker import SKIPS, SKIPS_KEY
 from datamodules.tar_reader import tar_samples
 from datamodules.views import SampleView, build_view
 
@@ -57,6 +57,7 @@ class _ViewStage:
         self.view, self.train, self.seed, self.rank = view, train, seed, rank
 
     def __call__(self, samples):
+        SKIPS.start_stream()  # runs when the pipeline is built in its process, before any read
         return self.view(samples, train=self.train, rng=random.Random(_worker_seed(self.rank) + 7919 * self.seed))
 
 

@@ -128,3 +128,14 @@ def test_custom_view_extension_point(prepared_shards):
     dm = VideoDataModule(val_shards=str(prepared_shards), view=CaptionLengths(), batch_size=8, num_workers=0)
     batch = next(iter(dm.val_dataloader()))
     assert batch["length"].shape == (8,) and (batch["length"] > 5).all()
+
+
+def test_pipe_urls_stream_shards(prepared_shards):
+    """Object storage is read through ``pipe:`` commands (e.g. ``pipe:aws s3 cp s3://… -``)."""
+    manifest = json.loads((prepared_shards / "manifest.json").read_text())
+    urls = [f"pipe:cat {prepared_shards / name}" for name in manifest["shards"]]
+    dm = VideoDataModule(val_shards=urls, view="motion", batch_size=4, num_workers=2)
+    assert len(set(_val_keys(dm))) == 16 and dm.skipped == {}
+    broken = VideoDataModule(val_shards=["pipe:cat /nonexistent/shard.tar"] + urls[:1], view="motion", batch_size=4,
+                             num_workers=0)
+    assert len(_val_keys(broken)) == 4 and broken.skipped == {errors.TRUNCATED_SHARD: 1}
