@@ -13,6 +13,7 @@ itself is diffusers' (``EDMEulerScheduler``), which gives exactly the release's 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import torch
@@ -52,7 +53,7 @@ def initial_latents(shape: tuple[int, ...], sigma_max: float, *, generator: torc
     return noise * math.sqrt(sigma_max**2 + 1.0)
 
 
-class EDMSampler:
+class EDMSampler(ABC):
     """Shared loop of EDM Algorithm 2: churn (optional), then one ``step`` per σ interval.
 
     Churn: for σ_i in [s_tmin, s_tmax], raise σ_i to σ̂ = σ_i·(1 + γ), γ = min(s_churn/N, √2 − 1), by
@@ -72,9 +73,9 @@ class EDMSampler:
     def sigmas(self, device: torch.device | str | None = None) -> torch.Tensor:
         return self.schedule(self.num_steps, device)
 
+    @abstractmethod
     def step(self, denoise: DenoiseFn, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
         """x at σ -> x at σ_next (σ_next < σ)."""
-        raise NotImplementedError
 
     def __call__(self, denoise: DenoiseFn, x: torch.Tensor, *, sigmas: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
