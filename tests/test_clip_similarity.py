@@ -4,49 +4,26 @@ frame FID with a CLIP vision tower."""
 from __future__ import annotations
 
 import copy
-import json
-import string
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection
 
 from videolavit.metrics.clip_similarity import CLIP_MEAN, CLIP_STD, CLIPSimilarity, ClipImagePreprocessing
 from videolavit.metrics.fid import FrameFID
 from videolavit.metrics.weights import MissingWeightsError
 
-IMAGE_SIZE = 32
+from tests.tiny_models import CLIP_IMAGE_SIZE, build_tiny_clip
+
+IMAGE_SIZE = CLIP_IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A randomly initialised 2-layer CLIP with a letters-only BPE tokenizer, saved like a hub model."""
-    root = tmp_path_factory.mktemp("clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for letter in string.ascii_lowercase:
-        vocab[letter] = len(vocab)
-        vocab[letter + "</w>"] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(root)
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=IMAGE_SIZE, patch_size=8),
-        projection_dim=16,
-    )
-    model = CLIPModel(config).eval()
-    directory = root / "tiny-clip"
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return model, tokenizer, directory
+    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def hand_image_embeddings(model, frames: torch.Tensor) -> torch.Tensor:

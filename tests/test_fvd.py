@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from videolavit.metrics.fvd import FrechetVideoDistance, resize_frames, sample_frame_indices
 from videolavit.metrics.i3d import InceptionI3d, i3d_logits, load_i3d, same_padding
 from videolavit.metrics.weights import MissingWeightsError
+
+from tests.tiny_models import StyleGanVDetector
 
 # 3 stem units + 9 Inception blocks × 6 units, each conv3d.weight + 5 BatchNorm tensors, + logits (w, b).
 PYTORCH_I3D_TENSORS = (3 + 9 * 6) * 6 + 2
@@ -91,21 +93,6 @@ def test_i3d_output_is_time_averaged_logits_for_16x224():
     network = InceptionI3d(num_classes=5)
     x = torch.zeros(1, 1024, 2, 7, 7)
     assert network.avg_pool(x).shape == (1, 1024, 1, 1, 1)
-
-
-class StyleGanVDetector(nn.Module):
-    """Same call signature as StyleGAN-V's i3d_torchscript.pt; answers differently to each switch."""
-
-    def __init__(self, num_features: int = 400):
-        super().__init__()
-        self.proj = nn.Linear(3, num_features)
-
-    def forward(self, x: Tensor, rescale: bool = True, resize: bool = True,
-                return_features: bool = False) -> Tensor:
-        if rescale or resize:
-            return torch.full((x.shape[0], self.proj.out_features), float("nan"))
-        features = self.proj(x.mean(dim=(2, 3, 4)))
-        return features if return_features else features.softmax(dim=1)
 
 
 def test_torchscript_detector_is_recognised_by_content(tmp_path):
