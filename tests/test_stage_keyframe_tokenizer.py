@@ -1,0 +1,397 @@
+"""Stage 1 keyframe tokenizer through the CLI users run: fit logs its scalars, checkpoints leave the frozen
+ViT out (it is reloaded from its file on every start, resume included), the exports (trained parts only)
+rejoin the backbone file to give the stage's ids, predict dumps variable-length ids; and at stage level
+the ViT stays frozen while the feature reconstruction improves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from callbacks.token_dump import read_token_dump, read_token_manifest
+from datamodules.video_datamodule import VideoDataModule
+from datamodules.views import KeyframeView
+from stages.keyframe_tokenizer import (
+    DECODER_EXPORT_NAME,
+    NOT_TRAINED_HERE,
+    KeyframeTokenizerStage,
+    check_configs,
+    images_from_batch,
+)
+from videolavit.cli import run_lightning_cli
+from videolavit.models.eva_vit import EvaViT, EvaViTConfig
+from videolavit.models.export import ExportError, load_export
+from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
+from videolavit.models.keyframe_tokenizer import KeyframeTokenizerConfig
+from videolavit.models.keyframe_tokenizer_export import (
+    EXPORT_NAME,
+    RandomBackboneWarning,
+    load_keyframe_tokenizer,
+)
+from videolavit.models.keyframe_tokenizer_loss import feature_reconstruction_loss
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE, PATCH = 28, 7  # 4 x 4 = 16 patches
+NUM_PATCHES = (IMAGE // PATCH) ** 2
+VIT = dict(image_size=IMAGE, patch_size=PATCH, width=32, depth=2, num_heads=2, mlp_dim=64, embed_dim=16)
+TOKENIZER = dict(vit=VIT, merger_depth=1, merger_heads=2, merger_mlp_dim=64, num_codes=64, code_dim=8, llm_dim=24,
+                 ema_decay=0.9, dead_code_interval=2)
+DECODER = dict(code_dim=8, width=32, depth=1, num_heads=2, mlp_dim=64, num_queries=NUM_PATCHES,
+               max_codes=NUM_PATCHES, feature_dim=32, unet_context_dims=[12, 20], unet_pooled_dim=20)
+VAL_IMAGES = 16  # 8 videos x 2 clip keyframes
+TRAIN_SCALARS = {"train/loss", "train/reconstruction_loss", "train/keep_ratio_loss", "train/commitment_loss",
+                 "train/keep_ratio", "train/tokens_per_image", "train/codebook_usage", "train/perplexity"}
+VAL_SCALARS = {"val/loss", "val/reconstruction_loss", "val/feature_cosine", "val/tokens_per_image",
+               "val/keep_ratio", "val/keep_prob", "val/codebook_usage", "val/perplexity"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is faster, and much faster on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_stage(backbone: Path | None, **kwargs) -> KeyframeTokenizerStage:
+    return KeyframeTokenizerStage(tokenizer=KeyframeTokenizerConfig(**TOKENIZER),
+                                  decoder=KeyframeFeatureDecoderConfig(**DECODER),
+                                  backbone_weights=None if backbone is None else str(backbone), **kwargs)
+
+
+def write_backbone(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    save_file(EvaViT(EvaViTConfig(**VIT)).state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory) -> Path:
+    """A 'pretrained' ViT: a random one written to a local safetensors file, as a real backbone would be."""
+    return write_backbone(tmp_path_factory.mktemp("backbone") / "eva_vit_tiny.safetensors", seed=123)
+
+
+def write_config(root: Path, shards: Path, backbone: Path, callbacks: list[dict] | None = None) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 6,
+            "val_check_interval": 3, "check_val_every_n_epoch": None, "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+            "gradient_clip_val": 1.0,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(root / "logs"), "name": "keyframe_tokenizer"}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
+                               "every_n_train_steps": 3, "save_top_k": -1, "enable_version_counter": False}},
+                *(callbacks or []),
+            ],
+        },
+        "model": {
+            "class_path": "stages.keyframe_tokenizer.KeyframeTokenizerStage",
+            "init_args": {"tokenizer": TOKENIZER, "decoder": DECODER, "backbone_weights": str(backbone),
+                          "optimizer": {"lr": 2e-3, "warmup_steps": 2}, "export_dir": str(root / "export")},
+        },
+        "data": {
+            "class_path": "datamodules.video_datamodule.VideoDataModule",
+            "init_args": {"train_shards": str(shards), "val_shards": str(shards),
+                          "view": {"class_path": "datamodules.views.KeyframeView",
+                                   "init_args": {"image_size": IMAGE}},
+                          "batch_size": 4, "samples_per_epoch": 24, "shuffle_buffer": 8, "num_workers": 0},
+        },
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return found
+
+
+def val_images(shards: Path) -> list[dict]:
+    dm = VideoDataModule(val_shards=str(shards), view=KeyframeView(image_size=IMAGE), batch_size=8, num_workers=0)
+    return list(dm.val_dataloader())
+
+
+def stage_from_checkpoint(path: Path, backbone: Path) -> KeyframeTokenizerStage:
+    """What Lightning does on resume: build the stage (backbone from its file), fill the frozen keys, load strictly."""
+    stage = tiny_stage(backbone)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    stage.on_load_checkpoint(checkpoint)
+    stage.load_state_dict(checkpoint["state_dict"], strict=True)
+    return stage.eval()
+
+
+def trimmed(ids: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    return [row[:n] for row, n in zip(ids.tolist(), lengths.tolist())]
+
+
+@pytest.fixture(scope="module")
+def trained_run(prepared_shards, backbone_file, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """One 6-step fit (validation after steps 3 and 6) -> (run dir, the ViT's state when fit ended)."""
+    root = tmp_path_factory.mktemp("stage1_keyframes")
+    cli = run_lightning_cli(["fit", "--config", str(write_config(root, prepared_shards, backbone_file))])
+    return root, {k: v.detach().clone() for k, v in cli.model.model.encoder.state_dict().items()}
+
+
+def test_fit_logs_checkpoints_without_the_vit_and_exports_that_rejoin_the_backbone(
+        trained_run, backbone_file, prepared_shards):
+    root, final_vit = trained_run
+    logged = scalars(root / "logs")
+    assert TRAIN_SCALARS | VAL_SCALARS <= set(logged), sorted(logged)
+    assert sorted(step for step, _ in logged["val/feature_cosine"]) == [2, 5]  # after steps 3 and 6 (0-based)
+    assert all(torch.isfinite(torch.tensor(v)) for tag in TRAIN_SCALARS for _, v in logged[tag])
+    assert all(1 <= v <= NUM_PATCHES for _, v in logged["train/tokens_per_image"] + logged["val/tokens_per_image"])
+    assert all(-1 <= v <= 1 for _, v in logged["val/feature_cosine"])
+    for (_, ratio), (_, tokens) in zip(logged["train/keep_ratio"], logged["train/tokens_per_image"]):
+        assert ratio == pytest.approx(tokens / NUM_PATCHES, rel=1e-5)
+
+    # The frozen ViT was not trained: it is still exactly the file's.
+    assert final_vit.keys() == load_file(str(backbone_file)).keys()
+    for name, tensor in load_file(str(backbone_file)).items():
+        assert torch.equal(final_vit[name], tensor), name
+
+    last = root / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 6
+    state = checkpoint["state_dict"]
+    assert not [k for k in state if k.startswith("model.encoder.")]
+    assert any(k.startswith("model.causal_encoder.") for k in state) and any(k.startswith("decoder.") for k in state)
+    assert "model.quantize.embedding.weight" in state and int(state["model.quantize.num_updates"]) == 6
+    stage = stage_from_checkpoint(last, backbone_file)
+
+    export = root / "export"
+    for name in (EXPORT_NAME, DECODER_EXPORT_NAME):
+        assert (export / f"{name}.safetensors").is_file() and (export / f"{name}.json").is_file()
+    assert not [k for k in load_file(str(export / f"{EXPORT_NAME}.safetensors")) if k.startswith("encoder.")]
+
+    tokenizer = load_keyframe_tokenizer(export)  # the backbone comes from the file recorded in the export
+    decoder = load_export(export, DECODER_EXPORT_NAME).eval()
+    for name, tensor in stage.model.state_dict().items():
+        assert torch.equal(tokenizer.state_dict()[name], tensor), name
+    for name, tensor in stage.decoder.state_dict().items():
+        assert torch.equal(decoder.state_dict()[name], tensor), name
+    images = torch.cat([images_from_batch(batch) for batch in val_images(prepared_shards)])
+    with torch.inference_mode():
+        expected, got = stage.model.encode(images), tokenizer.encode(images)
+        assert torch.equal(got.ids, expected.ids) and torch.equal(got.lengths, expected.lengths)
+        assert torch.equal(decoder(got.codes, got.mask), stage.decoder(expected.codes, expected.mask))
+    assert got.ids.shape[0] == VAL_IMAGES and (got.ids[got.mask] >= 0).all() and (got.ids[~got.mask] == -1).all()
+
+
+def test_exports_refuse_another_backbone(trained_run, tmp_path):
+    export = trained_run[0] / "export"
+    other = write_backbone(tmp_path / "other_vit.safetensors", seed=7)
+    with pytest.raises(ExportError, match="different ViT backbone"):
+        load_keyframe_tokenizer(export, backbone_weights=other)
+    with pytest.raises(ExportError, match="not found"):
+        load_keyframe_tokenizer(export, backbone_weights=tmp_path / "missing.safetensors")
+    with pytest.raises(ExportError, match="missing"):  # the generic loader cannot supply the backbone
+        load_export(export, EXPORT_NAME)
+
+    stage = tiny_stage(other)
+    with pytest.raises(ExportError, match="different ViT backbone"):
+        stage.load_init_from(str(export))
+
+
+def test_init_from_loads_both_trained_sub_models(trained_run, backbone_file):
+    export = trained_run[0] / "export"
+    stage = tiny_stage(backbone_file)
+    stage.load_init_from(str(export))
+    tokenizer = load_keyframe_tokenizer(export)
+    for name, tensor in tokenizer.state_dict().items():
+        assert torch.equal(stage.model.state_dict()[name], tensor), name
+    decoder = load_export(export, DECODER_EXPORT_NAME)
+    for name, tensor in decoder.state_dict().items():
+        assert torch.equal(stage.decoder.state_dict()[name], tensor), name
+
+
+def test_resume_reloads_the_backbone_and_continues(trained_run, backbone_file, prepared_shards, tmp_path):
+    shutil.copytree(trained_run[0] / "checkpoints", tmp_path / "checkpoints")
+    config = write_config(tmp_path, prepared_shards, backbone_file)
+    cli = run_lightning_cli(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "9"])
+
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+    steps = [step for step, _ in scalars(tmp_path / "logs")["train/loss"]]
+    assert min(steps) >= 6 and max(steps) == 8
+    vit = cli.model.model.encoder.state_dict()
+    for name, tensor in load_file(str(backbone_file)).items():
+        assert torch.equal(vit[name], tensor), name
+    assert int(load_keyframe_tokenizer(tmp_path / "export").quantize.num_updates) == 9
+
+
+def test_predict_dumps_each_keyframe_s_variable_length_ids(trained_run, prepared_shards, tmp_path):
+    root = trained_run[0]
+    out = tmp_path / "tokens"
+    run_lightning_cli(["predict", "--config", str(root / "config.yaml"), "--ckpt_path", "last",
+                       "--trainer.callbacks+=callbacks.token_dump.TokenDumpWriter",
+                       f"--trainer.callbacks.output_dir={out}", "--trainer.callbacks.name=keyframe"])
+    manifest = read_token_manifest(out, "keyframe")
+    assert manifest["num_codes"] == TOKENIZER["num_codes"]
+    tokens = read_token_dump(out, "keyframe")
+    assert len(tokens) == VAL_IMAGES
+
+    tokenizer = load_keyframe_tokenizer(root / "export")
+    lengths_seen = set()
+    for batch in val_images(prepared_shards):
+        with torch.inference_mode():
+            ids, lengths = tokenizer.tokenize(images_from_batch(batch))
+        for key, start, expected in zip(batch["key"], batch["clip_start"].tolist(), trimmed(ids, lengths)):
+            assert [i for i in tokens[(key, start)] if i >= 0] == expected  # the dump may keep the -1 padding
+            lengths_seen.add(len(expected))
+    assert all(1 <= n <= NUM_PATCHES for n in lengths_seen)
+
+
+def test_predict_step_returns_padded_ids_and_lengths(backbone_file):
+    stage = tiny_stage(backbone_file).eval()
+    images = torch.randint(0, 256, (5, 3, IMAGE, IMAGE), dtype=torch.uint8)
+    out = stage.predict_step({"image": images, "key": list("abcde"), "clip_start": torch.arange(5)}, 0)
+    assert out["key"] == list("abcde") and out["clip_start"].tolist() == list(range(5))
+    ids, lengths = out["ids"], out["lengths"]
+    assert ids.shape == (5, int(lengths.max())) and ids.dtype == torch.long
+    for row, n in zip(ids, lengths.tolist()):
+        assert (row[:n] >= 0).all() and (row[n:] == -1).all()
+    expected, _ = stage.model.tokenize(images.float() / 255)
+    assert torch.equal(ids, expected)
+
+
+def test_training_improves_feature_reconstruction_and_leaves_the_vit_alone(backbone_file):
+    """A direct fit on 8 fixed images: the reconstruction loss falls, the ViT and the heads trained by
+    later stages do not move, and the optimiser never sees them."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0)
+    stage = tiny_stage(backbone_file)
+    images = torch.rand(8, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    batch = {"image": (images * 255).to(torch.uint8), "key": [f"k{i}" for i in range(8)],
+             "clip_start": torch.zeros(8, dtype=torch.long)}
+    x = images_from_batch(batch)
+
+    def reconstruction() -> float:
+        stage.eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            encoding, rebuilt, _ = stage(x)
+            return float(feature_reconstruction_loss(rebuilt, encoding.vit_features))
+
+    before = reconstruction()
+    untouched = {k: v.clone() for k, v in stage.state_dict().items()
+                 if k.startswith(("model.encoder.",) + NOT_TRAINED_HERE)}
+    trainer = pl.Trainer(accelerator="cpu", max_steps=40, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)
+    stage.optimizer_config.lr, stage.optimizer_config.warmup_steps = 2e-3, 5
+    trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader([batch] * 40, batch_size=None))
+    after = reconstruction()
+    assert after < 0.75 * before, (before, after)  # ~1.0 -> ~0.59 (cosine 0 -> 0.41) on this random ViT
+
+    for name, tensor in untouched.items():
+        assert torch.equal(stage.state_dict()[name], tensor), name
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    named = dict(stage.named_parameters())
+    kept_out = ("model.encoder.",) + NOT_TRAINED_HERE
+    assert not [n for n, p in named.items() if id(p) in optimised and n.startswith(kept_out)]
+    assert all(p.grad is None for n, p in named.items() if n.startswith("model.encoder."))
+    assert any(id(named[n]) in optimised for n in named if n.startswith("model.token_predictor."))
+
+
+def test_random_backbone_warns_and_is_reproduced_from_the_export(tmp_path):
+    torch.manual_seed(1)
+    with pytest.warns(RandomBackboneWarning, match="RANDOMLY"):
+        stage = tiny_stage(None, backbone_seed=5, export_dir=str(tmp_path))
+    torch.manual_seed(2)  # the global seed does not change the backbone; backbone_seed does
+    with pytest.warns(RandomBackboneWarning):
+        same = tiny_stage(None, backbone_seed=5)
+        other = tiny_stage(None, backbone_seed=6)
+    vit = stage.model.encoder.state_dict()
+    assert all(torch.equal(vit[k], v) for k, v in same.model.encoder.state_dict().items())
+    assert not torch.equal(vit["patch_embed.proj.weight"], other.model.encoder.state_dict()["patch_embed.proj.weight"])
+
+    stage.export(tmp_path)
+    with pytest.warns(RandomBackboneWarning, match="RANDOM ViT"):
+        loaded = load_keyframe_tokenizer(tmp_path)
+    images = torch.rand(4, 3, IMAGE, IMAGE)
+    with torch.inference_mode():
+        assert torch.equal(loaded.tokenize(images)[0], stage.model.eval().tokenize(images)[0])
+
+
+def test_mismatched_decoder_is_rejected():
+    tokenizer = KeyframeTokenizerConfig(**TOKENIZER)
+    with pytest.raises(ValueError, match="feature_dim 48 != ViT width 32"):
+        check_configs(tokenizer, KeyframeFeatureDecoderConfig(**{**DECODER, "feature_dim": 48, "num_heads": 2}))
+    with pytest.raises(ValueError, match="num_queries"):
+        check_configs(tokenizer, KeyframeFeatureDecoderConfig(**{**DECODER, "num_queries": 8}))
+
+
+@pytest.mark.parametrize("config", ["stage1_keyframe_tokenizer.yaml", "tiny/keyframe_tokenizer.yaml"])
+def test_experiment_configs_fit_together(config):
+    """Sub-model sizes fit each other and the data view (tests/test_experiment_configs.py parses every config)."""
+    full = yaml.safe_load((REPO / "experiments" / config).read_text())
+    args = full["model"]["init_args"]
+    tokenizer = KeyframeTokenizerConfig(**args["tokenizer"])
+    check_configs(tokenizer, KeyframeFeatureDecoderConfig(**args["decoder"]))
+    assert full["data"]["init_args"]["view"]["init_args"]["image_size"] == tokenizer.vit.image_size
+    trainer = full["trainer"]
+    devices = trainer.get("num_nodes", 1) * trainer["devices"]
+    assert full["data"]["init_args"]["batch_size"] % devices == 0
+
+
+RANK_STATE_CALLBACK = '''
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class RankState(Callback):
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_fit_end(self, trainer, pl_module):
+        torch.save(pl_module.state_dict(), f"{self.output_dir}/rank{trainer.global_rank}.pt")
+'''
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_without_unused_parameters_and_keeps_ranks_in_sync(
+        prepared_shards, backbone_file, tmp_path):
+    (tmp_path / "rank_state.py").write_text(RANK_STATE_CALLBACK)
+    config = write_config(tmp_path, prepared_shards, backbone_file, callbacks=[
+        {"class_path": "rank_state.RankState", "init_args": {"output_dir": str(tmp_path)}}])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "videolavit", "fit", "--config", str(config), "--trainer.strategy", "ddp",
+         "--trainer.devices", "2",
+         "--trainer.accelerator", "cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks differ in {name}"
+    assert int(ranks[0]["model.quantize.num_updates"]) == 6  # one EMA step per optimiser step, on both ranks
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 6
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("model.encoder.")]
+    tokenizer = load_keyframe_tokenizer(tmp_path / "export")
+    for name, tensor in tokenizer.state_dict().items():
+        assert torch.equal(tensor, ranks[0][f"model.{name}"]), name
+    assert VAL_SCALARS <= set(scalars(tmp_path / "logs"))
