@@ -81,7 +81,8 @@ class StageModule(pl.LightningModule):
         raise TypeError(f"{type(self).__name__} does not take init_from")
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.init_from and self.trainer is not None and self.trainer.ckpt_path is None:
+        # Any trainer function: fit starts a new run from it; predict/validate/test use it as the weights.
+        if self.init_from and self.trainer is not None and self.trainer.ckpt_path is None:
             rank_zero_info(f"{type(self).__name__}: initialising from {self.init_from}")
             self.load_init_from(self.init_from)
 

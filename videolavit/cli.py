@@ -1,18 +1,22 @@
 """LightningCLI for the training stages: ``python -m videolavit fit --config experiments/<stage>.yaml``.
 
-Stages (``stages.*``) and the DataModule are chosen in YAML with ``class_path``/``init_args``. Two
-Lightning behaviours that silently lose work are turned into errors here: ``--ckpt_path last`` that
-finds no checkpoint (Lightning would start from scratch), and ``--ckpt_path`` combined with a stage's
-``init_from`` (resuming restores the run; ``init_from`` starts a new one from another stage's export).
+Stages (``stages.*``) and the DataModule are chosen in YAML with ``class_path``/``init_args``. Lightning
+behaviours that silently lose work are turned into errors here: ``--ckpt_path last`` that finds no
+checkpoint (Lightning would start from scratch, or predict with untrained weights), ``--ckpt_path``
+combined with a stage's ``init_from`` (resuming restores the run; ``init_from`` starts a new one from
+another stage's export), and a ``predict`` that has no weights to load or no prediction writer to keep
+its output (``callbacks.token_dump.TokenDumpWriter``). ``predict`` streams through the writer and does
+not also collect every prediction in memory.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 
@@ -47,14 +51,35 @@ class VideoLavitCLI(LightningCLI):
     def before_fit(self) -> None:
         self._check_resume()
 
+    def before_validate(self) -> None:
+        self._check_resume()
+
+    def before_test(self) -> None:
+        self._check_resume()
+
+    def before_predict(self) -> None:
+        self._check_resume()
+        if not self.config["predict"].get("ckpt_path") and not getattr(self.model, "init_from", None):
+            raise ConfigError("predict needs trained weights: pass --ckpt_path (a checkpoint, or 'last') or "
+                              "--model.init_from EXPORT_DIR; otherwise it would predict with untrained weights")
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            raise ConfigError("predict without a prediction writer discards its output; add e.g. "
+                              "--trainer.callbacks+=callbacks.token_dump.TokenDumpWriter "
+                              "--trainer.callbacks.output_dir=DIR")
+
+    def predict(self, return_predictions: bool | None = None, **kwargs):
+        """The writer streams predictions to disk; keeping them all in memory too grows with the corpus."""
+        return self.trainer.predict(return_predictions=bool(return_predictions), **kwargs)
+
 
 def run_lightning_cli(argv: list[str]) -> VideoLavitCLI:
+    # From the command line LightningCLI reads sys.argv itself (and warns when it is also given as args).
     return VideoLavitCLI(
         model_class=pl.LightningModule,
         subclass_mode_model=True,
         datamodule_class=pl.LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=None if argv == sys.argv[1:] else argv,
         auto_configure_optimizers=False,
     )
