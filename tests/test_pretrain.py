@@ -1,0 +1,436 @@
+"""Stage 2 (pre-training): the LLM and its vocabulary rows, learning rates, the loss, learning on held-out
+captions, the Hugging Face export, a tiny fit through the CLI, and FSDP2 (2 CPU processes, gloo) = 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from datamodules.sample_format import decode_sample
+from datamodules.shard_list import resolve_shards
+from datamodules.tar_reader import iter_tar_samples
+from stages.base import OptimizerConfig
+from stages.pretrain import NEW_ROW_PARAMETERS, VOCABULARY_FILE, PretrainStage, TokenizerBuild, default_optimizer
+from videolavit.__main__ import main
+from videolavit.llm.sequences import IGNORE_INDEX, collate_packed_rows, multimodal_pair, pack_documents
+from videolavit.llm.text_tokenizer import build_tiny_tokenizer
+from videolavit.llm.vocabulary import Vocabulary
+from videolavit.synth.moving_shapes import plan_corpus
+from videolavit.video.clips import select_clip_starts
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = Vocabulary(text_size=300, visual_codes=16, motion_codes=32)  # 352 ids
+LLM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           max_position_embeddings=256)
+TRAIN_CAPTIONS = [spec.caption for spec in plan_corpus(64, seed=0)]
+HELD_OUT_CAPTIONS = [spec.caption for spec in plan_corpus(16, seed=1)]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads spin against each other (~30x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("text_tokenizer")
+    build_tiny_tokenizer(out, TRAIN_CAPTIONS, vocab_size=VOCAB.text_size)
+    return out
+
+
+def make_stage(tokenizer_dir, seed: int = 0, **kwargs) -> PretrainStage:
+    torch.manual_seed(seed)
+    args = dict(tokenizer_path=str(tokenizer_dir), vocabulary=VOCAB, llm_config=LLM)
+    return PretrainStage(**{**args, **kwargs})
+
+
+def pair_batch(stage: PretrainStage, captions: list[str], seed: int, seq_len: int = 128,
+               order: str | None = None) -> dict:
+    """Packed rows of caption-video pairs with random codes (2 clips of 3 keyframe + 4 motion codes)."""
+    rng = random.Random(seed)
+    tok, docs = stage.tokenizer, []
+    for caption in captions:
+        video = []
+        for _ in range(2):
+            video += [VOCAB.image_start_id, *VOCAB.visual_id([rng.randrange(16) for _ in range(3)]), VOCAB.image_end_id,
+                      VOCAB.motion_start_id, *VOCAB.motion_id([rng.randrange(32) for _ in range(4)]),
+                      VOCAB.motion_end_id]
+        text = tok(caption, add_special_tokens=False)["input_ids"]
+        docs.append(multimodal_pair(video, text, VOCAB, order=order or rng.choice(["visual_text", "text_visual"]),
+                                    bos_id=tok.bos_token_id, eos_id=tok.eos_token_id))
+    batch = collate_packed_rows(list(pack_documents(docs, seq_len=seq_len, pad_id=tok.pad_token_id, open_rows=4)))
+    batch["modality"] = VOCAB.modality_of(batch["input_ids"])
+    return batch
+
+
+def text_loss(stage: PretrainStage, batch: dict) -> float:
+    """Mean loss over the caption (text) targets."""
+    stage.eval()
+    with torch.no_grad():
+        ce, valid, modality = stage.token_losses(batch)
+    mask = valid & (modality == 0)
+    return float(ce[mask].mean())
+
+
+# ------------------------------------------------------------------------------------------- the model
+def test_vocabulary_rows_are_split_and_the_new_rows_get_their_own_learning_rate(tokenizer_dir):
+    stage = make_stage(tokenizer_dir)
+    params = dict(stage.named_parameters())
+    assert params["llm.model.embed_tokens.base"].shape == (VOCAB.text_size, 32)
+    assert params["llm.model.embed_tokens.new"].shape == (VOCAB.size - VOCAB.text_size, 32)
+    assert params["llm.lm_head.new"].shape == (VOCAB.size - VOCAB.text_size, 32)
+    assert stage.llm.config.use_cache is False and stage.llm.config.vocab_size == VOCAB.size == 352
+
+    stage.optimizer_config = default_optimizer()
+    stage.optimizer_config.total_steps = 100
+    optimizer = stage.configure_optimizers()["optimizer"]
+    lr_of = {id(p): group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}
+    wd_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    for name, param in params.items():
+        assert lr_of[id(param)] == (5e-5 if name in NEW_ROW_PARAMETERS else 2e-5), name
+    assert wd_of[id(params["llm.model.layers.0.self_attn.q_proj.weight"])] == 0.1
+    assert wd_of[id(params["llm.model.norm.weight"])] == 0.0
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-6
+
+    stage.optimizer_config = OptimizerConfig(lr=2e-5, total_steps=100)  # a YAML that forgot extra_lr
+    with pytest.warns(UserWarning, match="new vocabulary rows train at the LLM's lr"):
+        stage.configure_optimizers()
+
+
+def test_a_text_only_llm_is_resized_with_its_rows_kept(tokenizer_dir, tmp_path):
+    torch.manual_seed(1)
+    source = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB.text_size, tie_word_embeddings=False, **LLM))
+    source.save_pretrained(tmp_path / "llm")
+    stage = make_stage(tokenizer_dir, llm_config=None, llm_path=str(tmp_path / "llm"))
+    embed, head = stage.llm.model.embed_tokens, stage.llm.lm_head
+    assert torch.equal(embed.base, source.model.embed_tokens.weight)
+    assert torch.equal(head.base, source.lm_head.weight)
+    assert embed.weight.shape == head.weight.shape == (VOCAB.size, 32)
+    # new rows start near the mean of the old ones (transformers' mean resizing)
+    assert torch.allclose(embed.new.mean(0), source.model.embed_tokens.weight.mean(0), atol=0.02)
+    assert torch.equal(stage.llm.model.layers[1].mlp.up_proj.weight, source.model.layers[1].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(llm_config={**LLM, "tie_word_embeddings": True}), "tied"),
+    (dict(llm_config={**LLM, "vocab_size": 1000}), "vocab_size=1000"),
+    (dict(llm_path="/nonexistent"), "exactly one of"),
+    (dict(llm_config=None), "exactly one of"),
+])
+def test_bad_llm_settings_are_refused(tokenizer_dir, kwargs, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        make_stage(tokenizer_dir, **kwargs)
+
+
+def test_the_loss_is_next_token_cross_entropy_over_packed_documents(tokenizer_dir):
+    stage = make_stage(tokenizer_dir).eval()
+    batch = pair_batch(stage, TRAIN_CAPTIONS[:6], seed=0)
+    assert batch["input_ids"].shape[0] >= 2 and (batch["document_ids"].amax(1) >= 1).any()  # packed
+    with torch.no_grad():
+        ce, valid, _ = stage.token_losses(batch)
+        reference = stage.llm(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              labels=batch["labels"], use_cache=False).loss
+        # each document alone gives the same per-token losses: nothing leaks between packed documents
+        row, doc = 0, 1
+        where = batch["document_ids"][row] == doc
+        alone = stage.llm(input_ids=batch["input_ids"][row, where][None]).logits[0, :-1]
+        targets = batch["labels"][row, where][1:]
+    torch.testing.assert_close(ce.sum() / valid.sum(), reference, rtol=1e-5, atol=1e-6)
+    start = int(where.nonzero()[0])
+    expected = torch.nn.functional.cross_entropy(alone, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(ce[row, start:start + len(targets)], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_held_out_caption_loss_drops_with_training(tokenizer_dir):
+    stage = make_stage(tokenizer_dir, optimizer=OptimizerConfig(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1,
+                                                                warmup_steps=5, total_steps=60))
+    held_out = pair_batch(stage, HELD_OUT_CAPTIONS, seed=99, order="text_visual")
+    before = text_loss(stage, held_out)
+    optimizer = stage.configure_optimizers()["optimizer"]
+    stage.train()
+    for step in range(60):
+        batch = pair_batch(stage, random.Random(step).sample(TRAIN_CAPTIONS, 12), seed=step)
+        ce, valid, _ = stage.token_losses(batch)
+        (ce.sum() / valid.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = text_loss(stage, held_out)
+    assert before > 5.0  # about ln(352): an untrained model
+    assert after < 0.6 * before, (before, after)
+
+
+# ------------------------------------------------------------------------------------------- export
+def test_export_in_bfloat16(tokenizer_dir, tmp_path):
+    stage = make_stage(tokenizer_dir, export_dtype="bfloat16")
+    stage.export(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    assert model.dtype == torch.bfloat16
+    assert torch.equal(model.lm_head.weight, stage.llm.lm_head.weight.detach().to(torch.bfloat16))
+
+
+def test_export_loads_with_transformers_and_generates(tokenizer_dir, tmp_path):
+    stage = make_stage(tokenizer_dir, seed=3).eval()
+    stage.export(tmp_path / "export")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert model.config.vocab_size == VOCAB.size and model.config.use_cache
+    assert len(tokenizer) == VOCAB.text_size
+    layout = json.loads((tmp_path / "export" / VOCABULARY_FILE).read_text())
+    assert layout["image_start_id"] == VOCAB.image_start_id and layout["size"] == VOCAB.size
+
+    batch = pair_batch(stage, TRAIN_CAPTIONS[:2], seed=1)
+    with torch.no_grad():
+        ours = stage(batch["input_ids"], batch["position_ids"])
+        theirs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    torch.testing.assert_close(theirs, ours)
+    prompt = tokenizer("a red circle", return_tensors="pt").input_ids
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, prompt.shape[1] + 6) and int(out.max()) < VOCAB.size
+
+    other = make_stage(tokenizer_dir, seed=4, init_from=str(tmp_path / "export"))
+    other.load_init_from(str(tmp_path / "export"))  # what setup() does at the start of a new run
+    for name, tensor in stage.state_dict().items():
+        assert torch.equal(other.state_dict()[name], tensor), name
+
+
+def test_a_missing_tiny_tokenizer_is_built_from_the_shards_captions(prepared_shards, tmp_path):
+    path = tmp_path / "tok"
+    stage = PretrainStage(tokenizer_path=str(path), vocabulary=VOCAB, llm_config=LLM,
+                          build_tokenizer_if_missing=TokenizerBuild(shards=str(prepared_shards)))
+    assert len(stage.tokenizer) == VOCAB.text_size and (path / "tokenizer.json").is_file()
+    first = (path / "tokenizer.json").read_text()
+    PretrainStage(tokenizer_path=str(path), vocabulary=VOCAB, llm_config=LLM,
+                  build_tokenizer_if_missing=TokenizerBuild(shards=str(prepared_shards)))
+    assert (path / "tokenizer.json").read_text() == first  # built once, then loaded
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no scratch directory left behind
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return found
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(prepared_shards, tmp_path_factory) -> dict:
+    """A frozen (random) motion tokenizer export, a keyframe token dump of every clip and a text corpus."""
+    from callbacks.token_dump import FORMAT, FORMAT_VERSION
+    from videolavit.models.export import save_export
+    from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
+
+    root = tmp_path_factory.mktemp("pretrain_inputs")
+    torch.manual_seed(0)
+    config = MotionTokenizerConfig(num_frames=24, height=8, width=8, dim=32, num_heads=2, mlp_ratio=2.0,
+                                   blocks_per_stage=[1, 1, 1, 1], downsample="conv", num_codes=VOCAB.motion_codes,
+                                   code_dim=8, stage_factors=[[1, 2, 2], [2, 2, 2], [3, 1, 1], [1, 1, 1]])
+    save_export(MotionTokenizer(config), root / "exports", "motion_tokenizer", config)
+    rng = random.Random(0)
+    lines = []  # what TokenDumpWriter writes for KeyframeTokenizerStage.predict_step: ids padded with -1
+    for url in resolve_shards(str(prepared_shards)):
+        for raw in iter_tar_samples(url):
+            meta = decode_sample(raw, need_video=False)["meta"]
+            for start in select_clip_starts(meta["iframes"], meta["num_frames"]):
+                ids = [rng.randrange(VOCAB.visual_codes) for _ in range(rng.randint(1, 4))] + [-1]
+                lines.append(json.dumps({"key": raw["__key__"], "clip_start": start, "keyframe_ids": ids}) + "\n")
+    (root / "dump").mkdir()
+    (root / "dump" / "keyframe_tokens.rank00000.jsonl").write_text("".join(lines))
+    (root / "dump" / "keyframe_tokens.json").write_text(json.dumps({
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": "keyframe", "clips": len(lines),
+        "files": ["keyframe_tokens.rank00000.jsonl"], "num_codes": VOCAB.visual_codes}))
+    (root / "text.txt").write_text("".join(f"{caption}.\n" for caption in TRAIN_CAPTIONS[:20]))
+    return {"exports": root / "exports", "dump": root / "dump", "text": root / "text.txt"}
+
+
+def write_config(root: Path, shards: Path, inputs: dict, **trainer) -> Path:
+    vocabulary = {"text_size": VOCAB.text_size, "visual_codes": VOCAB.visual_codes, "motion_codes": VOCAB.motion_codes}
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 4,
+            "val_check_interval": 2, "check_val_every_n_epoch": None, "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+            "gradient_clip_val": 1.0,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(root / "logs"), "name": "pretrain"}},
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
+                                         "every_n_train_steps": 2, "save_top_k": -1}}],
+            **trainer,
+        },
+        "model": {
+            "class_path": "stages.pretrain.PretrainStage",
+            "init_args": {"tokenizer_path": str(root / "text_tokenizer"),
+                          "build_tokenizer_if_missing": {"shards": str(shards)},
+                          "vocabulary": vocabulary, "llm_config": LLM,
+                          "optimizer": {"lr": 1e-3, "warmup_steps": 1,
+                                        "extra_lr": {name: 2.5e-3 for name in NEW_ROW_PARAMETERS}},
+                          "export_dir": str(root / "export")},
+        },
+        "data": {
+            "class_path": "datamodules.video_datamodule.VideoDataModule",
+            "init_args": {
+                "train_shards": str(shards), "val_shards": str(shards),
+                "view": {"class_path": "datamodules.llm_views.PretrainSequenceView",
+                         "init_args": {"tokenizer_path": str(root / "text_tokenizer"), "vocabulary": vocabulary,
+                                       "seq_len": 128, "motion_source": "tokenizer",
+                                       "motion_tokenizer_export": str(inputs["exports"]),
+                                       "keyframe_source": "dump", "token_dump": str(inputs["dump"]),
+                                       "text_corpus": str(inputs["text"]), "val_text_corpus": str(inputs["text"]),
+                                       "weights": {"video_text": 1.0, "text": 0.5}, "cache_videos": 64}},
+                "batch_size": 4, "samples_per_epoch": 64, "shuffle_buffer": 8, "num_workers": 0},
+        },
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_tiny_fit_through_the_cli_logs_per_modality_losses_exports_and_resumes(prepared_shards, cli_inputs,
+                                                                              tmp_path):
+    config = str(write_config(tmp_path, prepared_shards, cli_inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["fit", "--config", config]) == 0
+    logged = scalars(tmp_path / "logs")
+    expected = {"train/loss", "train/loss_text", "train/loss_keyframe", "train/loss_motion", "train/loss_special",
+                "train/tokens_per_s", "train/padding_fraction", "val/loss", "val/loss_text", "val/loss_keyframe",
+                "val/loss_motion"}
+    assert expected <= set(logged), sorted(logged)
+    assert sorted(step for step, _ in logged["val/loss"]) == [1, 3]
+    assert all(0 < value < 10 for _, value in logged["train/loss"])
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert model.config.vocab_size == VOCAB.size
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["fit", "--config", config, "--ckpt_path", "last", "--trainer.max_steps", "6"]) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert max(step for step, _ in scalars(tmp_path / "logs")["train/loss"]) == 5
+
+
+# ------------------------------------------------------------------------------------------- FSDP2
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fsdp_batch(rows: int = 4, length: int = 48) -> dict:
+    """Rows of two fully supervised documents each (equal target counts, so rank means average exactly)."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, VOCAB.size, (rows, length), generator=g)
+    half = length // 2
+    position_ids = torch.cat([torch.arange(half), torch.arange(length - half)]).repeat(rows, 1)
+    labels = ids.clone()
+    labels[:, 0] = labels[:, half] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels, "position_ids": position_ids, "modality": VOCAB.modality_of(ids)}
+
+
+def _train_two_steps(stage: PretrainStage, batch: dict, world: int = 1) -> list[float]:
+    optimizer = stage.configure_optimizers()["optimizer"]
+    stage.train()
+    losses = []
+    for _ in range(2):
+        ce, valid, _ = stage.token_losses(batch)
+        loss = ce.sum() / valid.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        mean = loss.detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(mean)
+            mean /= world
+        losses.append(float(mean))
+    return losses
+
+
+def _stage_for_fsdp(tokenizer_dir, **kwargs) -> PretrainStage:
+    return make_stage(tokenizer_dir, seed=5, attn_implementation="eager", **kwargs,
+                      optimizer=OptimizerConfig(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=0,
+                                                total_steps=10,
+                                                extra_lr={name: 3e-2 for name in NEW_ROW_PARAMETERS}))
+
+
+def _fsdp_worker(rank: int, world: int, port: int, tokenizer_dir: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        stage = _stage_for_fsdp(tokenizer_dir, activation_checkpointing=True)
+        stage._device_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        stage.configure_model()
+        assert isinstance(stage.llm, FSDPModule) and isinstance(stage.llm.model.layers[0], FSDPModule)
+        batch = {k: v.chunk(world)[rank] for k, v in _fsdp_batch().items()}
+        losses = _train_two_steps(stage, batch, world)
+        state = stage.full_state_dict()
+        stage.export(Path(out) / "export")
+        if rank == 0:
+            torch.save({"losses": losses, "state": state}, Path(out) / "fsdp.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # 17-35 s: two spawned processes
+def test_fsdp2_on_two_processes_matches_one_process(tokenizer_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tokenizer_dir), str(tmp_path)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+
+    stage = _stage_for_fsdp(tokenizer_dir)
+    losses = _train_two_steps(stage, _fsdp_batch())
+    assert losses[1] < losses[0]
+    assert sharded["losses"] == pytest.approx(losses, rel=1e-4)  # same loss before and after an update
+    reference = stage.full_state_dict()
+    assert sharded["state"].keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(sharded["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
+    torch.testing.assert_close(exported.lm_head.weight, stage.llm.lm_head.weight.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_model_parallel_strategy_fit_on_two_cpu_processes(prepared_shards, cli_inputs, tmp_path):
+    """Lightning's ModelParallelStrategy (FSDP2 + activation checkpointing) through the CLI, gloo on CPU."""
+    config = write_config(tmp_path, prepared_shards, cli_inputs, devices=2, limit_val_batches=1,
+                          strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                                    "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "videolavit", "fit", "--config", str(config),
+                           "--model.init_args.activation_checkpointing", "true"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = scalars(tmp_path / "logs")
+    assert {"train/loss", "train/loss_motion", "val/loss", "val/loss_keyframe"} <= set(logged)
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # a sharded (directory) checkpoint
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
+    out = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
