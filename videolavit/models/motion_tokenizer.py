@@ -13,6 +13,11 @@ Variants are configuration, not code branches (see ``MotionTokenizerConfig.prese
 
 The model consumes the tokenizer-scaled motion field (standardised vectors x10, DESIGN 4) and does not
 normalise it.
+
+Initialisation: std 0.02 / zero bias everywhere (blocks, convs, task heads; the release lineage) except
+the two token embeddings (``encoder.in_proj`` 2->dim, ``decoder.in_proj`` code_dim->dim), which get
+fan-in init: with std 0.02 their tokens are too small to survive the LayerNorms and the model learns to
+predict zero motion (``init_token_embedding``). Release checkpoints overwrite all of it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spatiotemporal_transformer import SpatioTemporalBlock, init_transformer_weights
+from .spatiotemporal_transformer import SpatioTemporalBlock, init_token_embedding, init_transformer_weights
 from .vector_quantizer import VectorQuantizer
 
 Grid = tuple[int, int, int]  # (frames, height, width)
@@ -191,6 +196,7 @@ class MotionEncoder(nn.Module):
         self.down_sample_layers = nn.ModuleList(layers)
         self.in_proj = nn.Linear(config.in_channels, dim)
         self.apply(init_transformer_weights)
+        init_token_embedding(self.in_proj)  # see init_token_embedding: std 0.02 here stalls training
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.temp_pos, std=0.02)
 
@@ -221,6 +227,7 @@ class MotionDecoder(nn.Module):
         self.up_sample_layers = nn.ModuleList(
             Upsample(dim, config.conv_kernel_size) for _ in config.stage_factors)
         self.apply(init_transformer_weights)
+        init_token_embedding(self.in_proj)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [b, t, h, w, code_dim] -> features [b, T, H, W, dim] on the input grid."""
@@ -238,7 +245,15 @@ class MotionDecoder(nn.Module):
 
 
 def _task_head(dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, out_dim))
+    """dim -> dim -> tanh -> out_dim, initialised like the blocks (std 0.02, zero bias) as BEiT-v2's VQ-KD
+    task layers are. PyTorch's default init gives the decoder head random biases of up to 1/sqrt(dim):
+    a constant offset on the predicted field (initial recon/zero-motion MSE ratio ~3 instead of ~1)
+    whose removal pushes the features toward the content-free mean (see ``init_token_embedding``).
+    Measured on the tiny corpus: this and the fan-in token embeddings are both needed; either alone
+    still stalls near ratio 1 (or crawls)."""
+    head = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, out_dim))
+    head.apply(init_transformer_weights)
+    return head
 
 
 class MotionTokenizer(nn.Module):
