@@ -92,3 +92,21 @@ def init_transformer_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def init_token_embedding(layer: nn.Linear) -> None:
+    """Fan-in (LeCun normal) init for a layer that turns a few input channels into tokens; zero bias.
+
+    std 0.02 (``init_transformer_weights``) suits a ViT patch embedding, whose fan-in of 768 pixels
+    makes unit-scale tokens. A motion vector has fan-in 2 (and on sparse fields most vectors are zero),
+    a unit-norm code ``code_dim``: std 0.02 gives tokens of ~0.005-0.02 rms, below the std-0.02
+    position embeddings and below what a few Adam steps add to the content-independent (mean) part of
+    the residual stream. Behind LayerNorms (pre-norm blocks, final norms) that mean then owns the
+    normalised features, every clip looks the same, the gradient reaching the content path shrinks as
+    1/|mean| and the model settles on predicting the mean (the motion tokenizer stalled at "no motion",
+    val/recon_ratio ~1). With fan-in init the content dominates the stream from the first step.
+    Initialisation only: names and shapes (the release layout) are unchanged.
+    """
+    nn.init.normal_(layer.weight, std=layer.weight.shape[1] ** -0.5)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
