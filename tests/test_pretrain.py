@@ -28,6 +28,7 @@ from videolavit.llm.text_tokenizer import build_tiny_tokenizer
 from videolavit.llm.vocabulary import Vocabulary
 from videolavit.synth.moving_shapes import plan_corpus
 from videolavit.video.clips import select_clip_starts
+from tests.tensorboard_scalars import scalars
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = Vocabulary(text_size=300, visual_codes=16, motion_codes=32)  # 352 ids
@@ -221,18 +222,6 @@ def test_a_missing_tiny_tokenizer_is_built_from_the_shards_captions(prepared_sha
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events.parent))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return found
-
-
 @pytest.fixture(scope="module")
 def cli_inputs(prepared_shards, tmp_path_factory) -> dict:
     """A frozen (random) motion tokenizer export, a keyframe token dump of every clip and a text corpus."""

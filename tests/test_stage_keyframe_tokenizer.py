@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from tests.tensorboard_scalars import scalars
 from safetensors.torch import load_file, save_file
 
 from callbacks.token_dump import read_token_dump, read_token_manifest
@@ -114,18 +116,6 @@ def write_config(root: Path, shards: Path, backbone: Path, callbacks: list[dict]
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events.parent))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return found
 
 
 def val_images(shards: Path) -> list[dict]:

@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from tests.tensorboard_scalars import scalars
+
 from callbacks.token_dump import TokenDumpError, read_token_dump, read_token_manifest
 from datamodules.video_datamodule import VideoDataModule
 from datamodules.views import MotionView
@@ -81,19 +83,6 @@ def write_config(root: Path, shards: Path, batch_size: int = 4, callbacks: list[
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every TensorBoard scalar under ``log_dir``: tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events.parent))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return found
 
 
 def val_clips(shards: Path) -> list[dict]:
