@@ -1,0 +1,111 @@
+"""Where the detokenizers diffuse: a frozen VAE's latent space at scale, raw pixels for small runs.
+
+Both U-Nets (keyframe g_I and video g_V, DESIGN §6-7) only see ``encode``/``decode`` and the channel count
+and down-sampling factor, so the same stage code trains on SD/SVD latents on a cluster and on 32×32 pixels
+on a laptop. Images are float in [-1, 1], [N, 3, H, W]; latents are [N, C, H/f, W/f] scaled to unit-ish
+variance (the VAE's ``scaling_factor``), which is what the EDM preconditioning's ``sigma_data`` assumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from videolavit.metrics.weights import require_directory
+
+
+def images_to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] (or float already in [-1, 1]) -> float32 in [-1, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float().div(127.5).sub(1.0)
+    return images.float()
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 [0, 255] (values outside are clipped)."""
+    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class LatentSpace(nn.Module):
+    """Frozen map between images in [-1, 1] and the space a U-Net diffuses in."""
+
+    channels: int
+    downsample: int
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """``num_frames``: frames per video when latents are [videos * frames, ...] (temporal decoders)."""
+        raise NotImplementedError
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        if height % self.downsample or width % self.downsample:
+            raise ValueError(f"frame size {height}x{width} is not divisible by the latent space's "
+                             f"down-sampling factor {self.downsample}")
+        return height // self.downsample, width // self.downsample
+
+
+class PixelSpace(LatentSpace):
+    """Identity: diffuse RGB directly (tiny configs and tests), scaled so sigma_data ~ 0.5 holds."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.channels, self.downsample, self.scale = 3, 1, scale
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images_to_unit_range(images) * self.scale
+
+    def decode(self, latents: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        return (latents / self.scale).clamp(-1.0, 1.0)
+
+
+class VaeLatentSpace(LatentSpace):
+    """A frozen diffusers VAE loaded from a local ``save_pretrained`` directory (SD/SDXL/SVD layouts).
+
+    ``temporal_decoder=True`` loads ``AutoencoderKLTemporalDecoder`` (SVD), whose decoder mixes frames and so
+    needs ``num_frames``; encoding is per image in both. ``chunk`` bounds how many images pass the VAE at once.
+    """
+
+    def __init__(self, path: str, subfolder: str | None = "vae", temporal_decoder: bool = False,
+                 chunk: int = 16, sample_posterior: bool = False):
+        super().__init__()
+        from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
+
+        root = require_directory(path, "latent_space.init_args.path", "VAE")
+        if subfolder and not (Path(root) / subfolder).is_dir():
+            subfolder = None  # the directory is the VAE itself
+        cls = AutoencoderKLTemporalDecoder if temporal_decoder else AutoencoderKL
+        self.vae = cls.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
+        self.vae.requires_grad_(False).eval()
+        self.temporal_decoder, self.chunk, self.sample_posterior = temporal_decoder, chunk, sample_posterior
+        self.channels = self.vae.config.latent_channels
+        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+
+    def train(self, mode: bool = True) -> "VaeLatentSpace":
+        super().train(mode)
+        self.vae.eval()  # frozen: never switch its dropout/norm behaviour
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        images = images_to_unit_range(images).to(self.vae.dtype)
+        out = []
+        for part in images.split(self.chunk):
+            dist = self.vae.encode(part).latent_dist
+            out.append(dist.sample() if self.sample_posterior else dist.mode())
+        return torch.cat(out).float() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        latents = (latents / self.scaling_factor).to(self.vae.dtype)
+        if not self.temporal_decoder:
+            return torch.cat([self.vae.decode(part).sample for part in latents.split(self.chunk)]).float().clamp(-1, 1)
+        if num_frames is None:
+            raise ValueError("the temporal VAE decoder needs num_frames (latents are [videos * frames, C, h, w])")
+        step = max(1, self.chunk // num_frames) * num_frames
+        out = [self.vae.decode(part, num_frames=num_frames).sample for part in latents.split(step)]
+        return torch.cat(out).float().clamp(-1, 1)
