@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from tests.ddp_fit import fit_two_processes, rank_state_callback
 from tests.tensorboard_scalars import scalars
 
 from callbacks.token_dump import TokenDumpError, read_token_dump, read_token_manifest
@@ -185,39 +186,10 @@ def test_predict_refuses_to_waste_its_work(trained_run, tmp_path, extra, message
         main(["predict", "--config", str(trained_run / "config.yaml"), *extra])
 
 
-RANK_STATE_CALLBACK = '''
-import torch
-from lightning.pytorch.callbacks import Callback
-
-
-class RankState(Callback):
-    """Saves each rank's full state dict (weights and EMA buffers) when fit ends."""
-
-    def __init__(self, output_dir: str):
-        self.output_dir = output_dir
-
-    def on_fit_end(self, trainer, pl_module):
-        torch.save(pl_module.state_dict(), f"{self.output_dir}/rank{trainer.global_rank}.pt")
-'''
-
-
 @pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_in_sync(prepared_shards, tmp_path):
-    (tmp_path / "rank_state.py").write_text(RANK_STATE_CALLBACK)
-    config = write_config(tmp_path, prepared_shards, callbacks=[
-        {"class_path": "rank_state.RankState", "init_args": {"output_dir": str(tmp_path)}}])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "videolavit", "fit", "--config", str(config), "--trainer.strategy", "ddp",
-         "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert ranks[0].keys() == ranks[1].keys()
-    for name in ranks[0]:
-        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks differ in {name}"
+    config = write_config(tmp_path, prepared_shards, callbacks=[rank_state_callback(tmp_path)])
+    ranks = fit_two_processes(config, tmp_path)
     assert int(ranks[0]["model.quantize.num_updates"]) == 6  # one EMA step per optimizer step, both ranks
     exported = load_export(tmp_path / "export", EXPORT_NAME)
     for name, tensor in exported.state_dict().items():
