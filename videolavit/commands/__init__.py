@@ -6,6 +6,7 @@ and ``run(args) -> int``. Only commands that work are listed here.
 
 COMMANDS: dict[str, str] = {
     "demo": "videolavit.commands.demo",
+    "evaluate": "videolavit.commands.evaluate",
     "prepare": "videolavit.commands.prepare",
     "synth": "videolavit.commands.synth",
 }
