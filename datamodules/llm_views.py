@@ -14,6 +14,10 @@
 4. ``pack_documents`` packs them leak-free (position ids restart per document; no document is cut
    unless it is longer than ``seq_len``).
 
+``VideoTokenView`` is the shared base of the LLM views (this one and stage 3's
+``datamodules.instruct_views.InstructionSequenceView``): the text tokenizer, the id layout, the code
+sources below, the codes cache and ``collate``.
+
 Where the visual codes come from, motion (``motion_source``):
 
 * ``"tokenizer"``: the frozen stage-1a tokenizer (``motion_tokenizer_export``, loaded with
@@ -137,8 +141,15 @@ def captions_of_shards(shards: str | list[str]) -> Iterator[str]:
                 yield raw["txt"].decode("utf-8")
 
 
-class PretrainSequenceView(SampleView):
-    """Packed video-text + text-only token rows for stage 2 (see the module docstring for batch keys).
+class VideoTokenView(SampleView):
+    """Base of the LLM views: a video sample's clips -> LLM token ids with the frozen stage-1 tokenizers.
+
+    Holds what every LLM stage shares: the text tokenizer, the id layout, where motion and keyframe codes
+    come from (``motion_source`` / ``keyframe_source``, documented in the module docstring), the per-process
+    codes cache and ``collate`` (the packed-row batch keys of the module docstring). Subclasses
+    (``PretrainSequenceView``, ``datamodules.instruct_views.InstructionSequenceView``) turn the codes into
+    documents. ``video_codes`` also serves inference (``videolavit.inference.video_chat``) on a sample
+    built from a freshly decomposed video.
 
     Args:
         tokenizer_path: local directory of the text tokenizer (``load_text_tokenizer``; its size must be
@@ -152,13 +163,7 @@ class PretrainSequenceView(SampleView):
         keyframe_tokenizer_export: directory with the ``keyframe_tokenizer`` export (``keyframe_source="tokenizer"``),
             loaded with ``load_keyframe_tokenizer`` (trained parts + the frozen ViT from its own file).
         keyframe_backbone_weights: local ViT weight file, overriding the path recorded in that export.
-        text_corpus: local text file of text-only training documents, one per line (None: none).
-        val_text_corpus: same for validation (None: validation has video-text pairs only).
-        weights: mixing weights per source, ``video_text`` and ``text``, in documents.
-        visual_first_prob: probability of the ``[video, caption]`` order (else ``[caption, video]``).
-        supervise: ``"all"`` (every token of a pair is a target; paper) or ``"target"`` (second segment only).
         open_rows: rows kept open while packing (1 = next-fit; more pads less).
-        text_shuffle_buffer: text lines held for shuffling in training.
         tokenizer_device: device the frozen tokenizers run on inside the data pipeline.
         cache_videos: keep the codes of up to this many videos per process (LRU) instead of running the
             frozen tokenizers again when a video comes back. For small corpora read many times (tiny runs);
@@ -166,17 +171,14 @@ class PretrainSequenceView(SampleView):
         clip_frames, max_clips, clips_per_video: which clips of a video (``SampleView``).
     """
 
-    name = "pretrain_sequence"
+    name = "video_tokens"
 
     def __init__(self, tokenizer_path: str, vocabulary: Vocabulary | None = None, seq_len: int = 2048,
                  motion_source: MotionSource = "tokenizer", motion_tokenizer_export: str | None = None,
                  token_dump: str | None = None, keyframe_source: KeyframeSource = "tokenizer",
                  keyframe_tokenizer_export: str | None = None, keyframe_backbone_weights: str | None = None,
-                 text_corpus: str | None = None, val_text_corpus: str | None = None,
-                 weights: dict[str, float] | None = None, visual_first_prob: float = 0.5,
-                 supervise: Literal["all", "target"] = "all", open_rows: int = 4, text_shuffle_buffer: int = 1000,
-                 tokenizer_device: str = "cpu", cache_videos: int = 0, clip_frames: int = CLIP_FRAMES,
-                 max_clips: int = 8, clips_per_video: str = "all"):
+                 open_rows: int = 4, tokenizer_device: str = "cpu", cache_videos: int = 0,
+                 clip_frames: int = CLIP_FRAMES, max_clips: int = 8, clips_per_video: str = "all"):
         super().__init__(clip_frames=clip_frames, max_clips=max_clips, clips_per_video=clips_per_video)
         self.tokenizer_path = tokenizer_path
         self.vocabulary = vocabulary or Vocabulary.release()
@@ -185,10 +187,7 @@ class PretrainSequenceView(SampleView):
         self.token_dump = token_dump
         self.keyframe_source, self.keyframe_tokenizer_export = keyframe_source, keyframe_tokenizer_export
         self.keyframe_backbone_weights = keyframe_backbone_weights
-        self.text_corpus, self.val_text_corpus = text_corpus, val_text_corpus
-        self.weights = dict(weights) if weights is not None else {"video_text": 1.0, "text": 1.0}
-        self.visual_first_prob, self.supervise = float(visual_first_prob), supervise
-        self.text_shuffle_buffer, self.tokenizer_device = int(text_shuffle_buffer), tokenizer_device
+        self.tokenizer_device = tokenizer_device
         self.cache_videos = int(cache_videos)
         self._codes_cache: OrderedDict[tuple, tuple] = OrderedDict()
         self.stats = PackingStats()  # of this process (workers keep their own)
@@ -209,19 +208,11 @@ class PretrainSequenceView(SampleView):
             raise ValueError("a 'dump' source reads ids from token_dump, which is not set")
         if token_dump is not None and "dump" not in (motion_source, keyframe_source):
             raise ValueError("token_dump is set but neither motion_source nor keyframe_source is 'dump'")
-        unknown = set(self.weights) - {"video_text", "text"}
-        if unknown or any(w < 0 for w in self.weights.values()):
-            raise ValueError(f"weights name the sources 'video_text' and 'text' with non-negative values, "
-                             f"got {self.weights}")
-        if not 0.0 <= self.visual_first_prob <= 1.0:
-            raise ValueError("visual_first_prob must lie in [0, 1]")
-        if supervise not in ("all", "target"):
-            raise ValueError(f"supervise must be 'all' or 'target', got {supervise!r}")
         # The stored video is decoded only to tokenise keyframes.
         self.need_video = keyframe_source == "tokenizer"
         self._tokenizer = None
         self._motion = None
-        self._keyframe = None
+        self._keyframe: dict[str, torch.nn.Module] = {}  # by export directory
         self._dumps: dict[str, dict] = {}
 
     # ---- lazily loaded per process (DataLoader workers load their own) ----------------------------
@@ -246,18 +237,22 @@ class PretrainSequenceView(SampleView):
             self._motion = model.eval().requires_grad_(False)
         return self._motion
 
-    def _keyframe_tokenizer(self):
-        if self._keyframe is None:
+    def _keyframe_tokenizer(self, export: str | None = None):
+        """The frozen keyframe tokenizer of ``export`` (default ``keyframe_tokenizer_export``), loaded once."""
+        export = export or self.keyframe_tokenizer_export
+        if export is None:
+            raise ValueError("no keyframe tokenizer export is set")
+        if export not in self._keyframe:
             from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
 
-            model = load_keyframe_tokenizer(self.keyframe_tokenizer_export, self.keyframe_backbone_weights,
+            model = load_keyframe_tokenizer(export, self.keyframe_backbone_weights,
                                             name=KEYFRAME_EXPORT, map_location=self.tokenizer_device)
             if model.config.num_codes != self.vocabulary.visual_codes:
-                raise ValueError(f"the keyframe tokenizer in {self.keyframe_tokenizer_export} has "
+                raise ValueError(f"the keyframe tokenizer in {export} has "
                                  f"{model.config.num_codes} codes but the vocabulary has visual_codes="
                                  f"{self.vocabulary.visual_codes}")
-            self._keyframe = model.eval().requires_grad_(False)
-        return self._keyframe
+            self._keyframe[export] = model.eval().requires_grad_(False)
+        return self._keyframe[export]
 
     def _dump(self, name: str) -> dict:
         if name not in self._dumps:
@@ -288,6 +283,18 @@ class PretrainSequenceView(SampleView):
         return model.encode(motion.to(self.tokenizer_device)).cpu().tolist()
 
     @torch.inference_mode()
+    def image_codes(self, images: torch.Tensor, export: str | None = None) -> list[list[int]]:
+        """Keyframe code ids (variable length) of float images [N, 3, S, S] in [0, 1] at the ViT's size, from
+        the frozen keyframe tokenizer of ``export`` (default: ``keyframe_tokenizer_export``)."""
+        model = self._keyframe_tokenizer(export)
+        ids, lengths = model.tokenize(images.to(self.tokenizer_device))
+        return [row[:n].tolist() for row, n in zip(ids.cpu(), lengths.cpu().tolist())]
+
+    def keyframe_image_size(self, export: str | None = None) -> int:
+        """Side of the square images the keyframe tokenizer reads (its ViT's input size)."""
+        return self._keyframe_tokenizer(export).config.vit.image_size
+
+    @torch.inference_mode()
     def keyframe_codes(self, sample: dict, starts: list[int]) -> list[list[int]] | None:
         """Keyframe code ids of each clip (variable length), or None with ``keyframe_source="none"``."""
         if self.keyframe_source == "none":
@@ -299,14 +306,11 @@ class PretrainSequenceView(SampleView):
                 raise errors.VideoSkip(MISSING_TOKENS, f"{sample['key']}: keyframes {missing} not in {self.token_dump}")
             # keyframe dumps hold the padded ids of KeyframeTokenizerStage.predict_step (-1 = padding)
             return [[i for i in dump[(sample["key"], s)] if i >= 0] for s in starts]
-        model = self._keyframe_tokenizer()
         meta = sample["meta"]
-        size = model.config.vit.image_size
+        size = self.keyframe_image_size()
         (rh, rw), (ys, xs) = _resize_crop_box(meta["height"], meta["width"], (size, size))
         frames = decode_keyframes(sample["mp4"], starts, meta["fps"], size=(rh, rw))[:, ys, xs]
-        images = _to_chw(frames).float().div(255.0).to(self.tokenizer_device)
-        ids, lengths = model.tokenize(images)
-        return [row[:n].tolist() for row, n in zip(ids.cpu(), lengths.cpu().tolist())]
+        return self.image_codes(_to_chw(frames).float().div(255.0))
 
     def video_codes(self, sample: dict, starts: list[int]) -> tuple[list[list[int]] | None, list[list[int]]]:
         """(keyframe codes or None, motion codes) of the clips at ``starts``; cached with ``cache_videos``."""
@@ -322,7 +326,6 @@ class PretrainSequenceView(SampleView):
             self._codes_cache.popitem(last=False)
         return codes
 
-    # ---- documents ------------------------------------------------------------------------------
     def video_ids(self, keyframes: list[list[int]] | None, motions: list[list[int]]) -> list[int]:
         """Vocabulary ids of a video: per clip ``[IMG] kf [/IMG] [MOV] motion [/MOV]`` (or motion only)."""
         if keyframes is not None:
@@ -331,6 +334,56 @@ class PretrainSequenceView(SampleView):
         return [i for clip in motions for i in (vocab.motion_start_id, *vocab.motion_id(list(clip)),
                                                 vocab.motion_end_id)]
 
+    def collate(self, examples: list[PackedRow]) -> dict:
+        batch = collate_packed_rows(examples)
+        batch["modality"] = self.vocabulary.modality_of(batch["input_ids"])
+        batch[SKIPS_KEY] = SKIPS.snapshot()
+        return batch
+
+
+class PretrainSequenceView(VideoTokenView):
+    """Packed video-text + text-only token rows for stage 2 (see the module docstring for batch keys).
+
+    Args (besides ``VideoTokenView``'s: tokenizer, vocabulary, seq_len, code sources, open_rows, cache, clips):
+        text_corpus: local text file of text-only training documents, one per line (None: none).
+        val_text_corpus: same for validation (None: validation has video-text pairs only).
+        weights: mixing weights per source, ``video_text`` and ``text``, in documents.
+        visual_first_prob: probability of the ``[video, caption]`` order (else ``[caption, video]``).
+        supervise: ``"all"`` (every token of a pair is a target; paper) or ``"target"`` (second segment only).
+        text_shuffle_buffer: text lines held for shuffling in training.
+    """
+
+    name = "pretrain_sequence"
+
+    def __init__(self, tokenizer_path: str, vocabulary: Vocabulary | None = None, seq_len: int = 2048,
+                 motion_source: MotionSource = "tokenizer", motion_tokenizer_export: str | None = None,
+                 token_dump: str | None = None, keyframe_source: KeyframeSource = "tokenizer",
+                 keyframe_tokenizer_export: str | None = None, keyframe_backbone_weights: str | None = None,
+                 text_corpus: str | None = None, val_text_corpus: str | None = None,
+                 weights: dict[str, float] | None = None, visual_first_prob: float = 0.5,
+                 supervise: Literal["all", "target"] = "all", open_rows: int = 4, text_shuffle_buffer: int = 1000,
+                 tokenizer_device: str = "cpu", cache_videos: int = 0, clip_frames: int = CLIP_FRAMES,
+                 max_clips: int = 8, clips_per_video: str = "all"):
+        super().__init__(tokenizer_path, vocabulary=vocabulary, seq_len=seq_len, motion_source=motion_source,
+                         motion_tokenizer_export=motion_tokenizer_export, token_dump=token_dump,
+                         keyframe_source=keyframe_source, keyframe_tokenizer_export=keyframe_tokenizer_export,
+                         keyframe_backbone_weights=keyframe_backbone_weights, open_rows=open_rows,
+                         tokenizer_device=tokenizer_device, cache_videos=cache_videos, clip_frames=clip_frames,
+                         max_clips=max_clips, clips_per_video=clips_per_video)
+        self.text_corpus, self.val_text_corpus = text_corpus, val_text_corpus
+        self.weights = dict(weights) if weights is not None else {"video_text": 1.0, "text": 1.0}
+        self.visual_first_prob, self.supervise = float(visual_first_prob), supervise
+        self.text_shuffle_buffer = int(text_shuffle_buffer)
+        unknown = set(self.weights) - {"video_text", "text"}
+        if unknown or any(w < 0 for w in self.weights.values()):
+            raise ValueError(f"weights name the sources 'video_text' and 'text' with non-negative values, "
+                             f"got {self.weights}")
+        if not 0.0 <= self.visual_first_prob <= 1.0:
+            raise ValueError("visual_first_prob must lie in [0, 1]")
+        if supervise not in ("all", "target"):
+            raise ValueError(f"supervise must be 'all' or 'target', got {supervise!r}")
+
+    # ---- documents ------------------------------------------------------------------------------
     def pair_document(self, visual_ids: list[int], caption: str, visual_first: bool) -> TokenSequence:
         """``bos video caption eos`` or ``bos caption video eos`` (``multimodal_pair``)."""
         tok = self.tokenizer
@@ -426,11 +479,5 @@ class PretrainSequenceView(SampleView):
         yield from pack_documents(self.documents(samples, train, rng), seq_len=self.seq_len,
                                   pad_id=self.tokenizer.pad_token_id, open_rows=self.open_rows, stats=self.stats)
 
-    def collate(self, examples: list[PackedRow]) -> dict:
-        batch = collate_packed_rows(examples)
-        batch["modality"] = self.vocabulary.modality_of(batch["input_ids"])
-        batch[SKIPS_KEY] = SKIPS.snapshot()
-        return batch
 
-
-__all__ = ["PretrainSequenceView", "MISSING_TOKENS", "captions_of_shards", "read_text_lines"]
+__all__ = ["PretrainSequenceView", "VideoTokenView", "MISSING_TOKENS", "captions_of_shards", "read_text_lines"]

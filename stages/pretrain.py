@@ -243,6 +243,7 @@ class PretrainStage(StageModule):
                 raise FileNotFoundError(f"LLM directory {llm_path} does not exist (weights load from local files only)")
             llm = LlamaForCausalLM.from_pretrained(llm_path, local_files_only=True, dtype=load_dtype,
                                                    attn_implementation=attn)
+            llm.train()  # from_pretrained returns eval mode; Lightning keeps it, and checkpointing needs train mode
         else:
             config = dict(llm_config)
             if config.setdefault("vocab_size", vocab.size) != vocab.size:

@@ -5,6 +5,7 @@ and ``run(args) -> int``. Only commands that work are listed here.
 """
 
 COMMANDS: dict[str, str] = {
+    "chat": "videolavit.commands.chat",
     "demo": "videolavit.commands.demo",
     "evaluate": "videolavit.commands.evaluate",
     "prepare": "videolavit.commands.prepare",

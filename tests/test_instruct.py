@@ -1,0 +1,518 @@
+"""Stage 3 (instruction tuning): the conversation view's exact v1 ids and loss mask, skips and lengths,
+packing without leakage, held-out questions, image conversations; the stage's assistant-only loss, init from
+a stage-2 export, QA accuracy at validation end, the HF export and VideoChat on it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from callbacks.token_dump import FORMAT, FORMAT_VERSION
+from datamodules.instruct_views import (
+    CONVERSATION_TOO_LONG,
+    MISSING_IMAGE,
+    NO_CONVERSATION,
+    InstructionSequenceView,
+    load_image,
+)
+from datamodules.sample_format import encode_sample
+from datamodules.skip_tracker import SKIPS
+from stages.instruct import InstructStage
+from stages.pretrain import PretrainStage
+from videolavit.__main__ import main
+from videolavit.inference.video_chat import VideoChat, generate_text
+from videolavit.llm.conversation import LLAVA_SYSTEM_PROMPT
+from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
+from videolavit.llm.text_tokenizer import BOS_ID, EOS_ID, build_tiny_tokenizer
+from videolavit.llm.vocabulary import Vocabulary
+from tests.tensorboard_scalars import scalars
+
+X = IGNORE_INDEX
+# [IMG]=300 [/IMG]=301 keyframe codes 302..306 [MOV]=307 [/MOV]=308 motion codes 309..312
+TINY = Vocabulary(text_size=300, visual_codes=5, motion_codes=4)
+# Real tokenizers' layout for the stage/chat tests: 16 keyframe codes, 32 motion codes (352 ids)
+VOCAB = Vocabulary(text_size=300, visual_codes=16, motion_codes=32)
+LLM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           max_position_embeddings=512)
+VIDEO = [300, 306, 302, 301, 307, 309, 312, 308,   # clip at 12: [IMG] kf 4 0 [/IMG] [MOV] m 0 3 [/MOV]
+         300, 303, 301, 307, 311, 311, 308]        # clip at 36: [IMG] kf 1 [/IMG] [MOV] m 2 2 [/MOV]
+QUESTIONS = ["What shape is it?", "Which color does the shape have?", "In which direction does the shape move?"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, synthetic_corpus) -> Path:
+    with open(synthetic_corpus / "captions.csv") as handle:
+        texts = [row["name"] for row in csv.DictReader(handle)]
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tiny_tokenizer(out, texts + QUESTIONS + [LLAVA_SYSTEM_PROMPT, "USER: ASSISTANT: circle red up"],
+                         vocab_size=TINY.text_size)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def write_dump(directory: Path, name: str, records: dict[tuple[str, int], list[int]], num_codes: int) -> Path:
+    """A finished ``callbacks.token_dump`` directory (one rank file + manifest)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    file_name = f"{name}_tokens.rank00000.jsonl"
+    with open(directory / file_name, "w") as handle:
+        for (key, start), ids in records.items():
+            handle.write(json.dumps({"key": key, "clip_start": start, f"{name}_ids": ids}) + "\n")
+    (directory / f"{name}_tokens.json").write_text(json.dumps({
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "files": [file_name],
+        "clips": len(records), "num_tokens": None, "token_grid": None, "num_codes": num_codes}))
+    return directory
+
+
+def raw_sample(key: str, num_frames: int = 60) -> dict:
+    """A shard sample without a real video (dump-based views never decode it): clips start at 12 and 36."""
+    meta = {"source_id": key, "width": 96, "height": 96, "fps": 6, "num_frames": num_frames,
+            "iframes": list(range(0, num_frames, 12))}
+    return encode_sample(key, "a caption", meta, b"", np.zeros((num_frames, 2, 6, 6), np.float16))
+
+
+def golden_dump(root: Path, keys=("vid_a",)) -> Path:
+    for key in keys:
+        write_dump(root, "keyframe", {(key, 12): [4, 0, -1], (key, 36): [1, -1, -1]}, TINY.visual_codes)
+        write_dump(root, "motion", {(key, 12): [0, 3], (key, 36): [2, 2]}, TINY.motion_codes)
+    return root
+
+
+def all_dump(root: Path, keys) -> Path:
+    write_dump(root, "keyframe", {(k, s): [4, 0, -1] for k in keys for s in (12, 36)}, TINY.visual_codes)
+    return write_dump(root, "motion", {(k, s): [0, 3] for k in keys for s in (12, 36)}, TINY.motion_codes)
+
+
+def qa_file(path: Path, videos, answers=("circle", "red", "up")) -> Path:
+    items = [{"video_id": v, "question": q, "answer": a, "attribute": attr}
+             for v in videos for q, a, attr in zip(QUESTIONS, answers, ("shape", "color", "direction"))]
+    path.write_text(json.dumps(items))
+    return path
+
+
+def dump_view(tokenizer_dir, dump, conversations, **kwargs) -> InstructionSequenceView:
+    args = dict(tokenizer_path=str(tokenizer_dir), vocabulary=TINY, seq_len=256, conversations=str(conversations),
+                motion_source="dump", keyframe_source="dump", token_dump=str(dump), open_rows=1)
+    return InstructionSequenceView(**{**args, **kwargs})
+
+
+def tokens(view, text: str) -> list[int]:
+    return view.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------- golden
+def test_a_video_question_has_the_exact_v1_ids_and_loss_mask(tokenizer_dir, tmp_path):
+    (tmp_path / "qa.json").write_text(json.dumps([{"video_id": "vid_a", "question": QUESTIONS[0],
+                                                   "answer": "circle", "attribute": "shape"}]))
+    view = dump_view(tokenizer_dir, golden_dump(tmp_path / "dump"), tmp_path / "qa.json", seq_len=200)
+    rows = list(view([raw_sample("vid_a")], train=False))
+    assert len(rows) == 1
+    row = rows[0]
+
+    head = tokens(view, LLAVA_SYSTEM_PROMPT + " USER: ")
+    question = tokens(view, f"\n{QUESTIONS[0]} ASSISTANT:")
+    answer = tokens(view, " circle")
+    # The run after the video is tokenized as one string; with this byte-level BPE it splits at the colon.
+    assert tokens(view, f"\n{QUESTIONS[0]} ASSISTANT: circle") == question + answer
+    ids = [BOS_ID, *head, *VIDEO, *question, *answer, EOS_ID]
+    n = len(ids)
+    assert row.input_ids[:n].tolist() == ids
+    assert row.labels[:n].tolist() == [X] * (1 + len(head) + len(VIDEO) + len(question)) + answer + [EOS_ID]
+    assert row.input_ids[n:].tolist() == [view.tokenizer.pad_token_id] * (200 - n)
+    assert row.labels[n:].tolist() == [X] * (200 - n)
+    assert row.position_ids.tolist() == list(range(n)) + list(range(200 - n))
+    assert row.document_ids.tolist() == [0] * n + [PAD_DOCUMENT_ID] * (200 - n)
+
+    batch = view.collate(rows)
+    assert {"input_ids", "labels", "position_ids", "document_ids", "modality", "cu_seqlens", "max_seqlen"} <= set(batch)
+    assert batch["cu_seqlens"].tolist() == [0, n, 200]
+    (q,) = batch["questions"]
+    assert q["prompt_ids"] == ids[: n - len(answer) - 1]  # the prompt ends at "ASSISTANT:"
+    assert (q["answer"], q["attribute"], q["video"], q["question"]) == ("circle", "shape", "vid_a", QUESTIONS[0])
+    assert "questions" not in view.collate(list(view([raw_sample("vid_a")], train=True)))
+
+
+def test_videos_without_conversations_are_counted_skips(tokenizer_dir, tmp_path):
+    view = dump_view(tokenizer_dir, all_dump(tmp_path / "dump", ["vid_a", "vid_b", "vid_c"]),
+                     qa_file(tmp_path / "qa.json", ["vid_a", "vid_c"]))
+    SKIPS.start_stream()
+    rows = list(view([raw_sample("vid_a"), raw_sample("vid_b"), raw_sample("vid_c")], train=False))
+    assert SKIPS.counts == Counter({NO_CONVERSATION: 1})
+    assert sum(r.num_documents for r in rows) == 6  # 2 videos x 3 questions, each its own conversation
+    assert sorted(q["video"] for r in rows for q in r.questions) == ["vid_a"] * 3 + ["vid_c"] * 3
+
+
+@pytest.mark.parametrize("overlong", ["skip", "truncate"])
+def test_conversations_longer_than_a_row_are_skipped_or_truncated(tokenizer_dir, tmp_path, overlong):
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps([{"video_id": "vid_a", "question": QUESTIONS[0], "answer": "circle"},
+                              {"video_id": "vid_a", "question": QUESTIONS[0], "answer": " ".join(["up"] * 80)}]))
+    view = dump_view(tokenizer_dir, golden_dump(tmp_path / "dump"), qa, overlong=overlong)
+    short = view.template.encode(view.video_conversations(view.video_index(False)["vid_a"], False,
+                                                          random.Random(0))[0], view.tokenizer, [VIDEO])
+    view.seq_len = len(short) + 10  # the short conversation fits, the long one does not
+    SKIPS.start_stream()
+    rows = list(view([raw_sample("vid_a")], train=False))
+    docs = [(r, d) for r in rows for d in range(r.num_documents)]
+    if overlong == "skip":
+        assert SKIPS.counts == Counter({CONVERSATION_TOO_LONG: 1}) and len(docs) == 1
+    else:
+        assert not SKIPS.counts and len(docs) == 2 and view.instruct_stats.truncated == 1
+        cut = next(r for r in rows if (r.document_ids == PAD_DOCUMENT_ID).sum() == 0)  # fills its row exactly
+        assert (cut.labels[1:] != X).any()  # part of the long answer is still a target
+
+
+def test_a_stream_where_no_conversation_fits_is_a_configuration_error(tokenizer_dir, tmp_path):
+    keys = [f"v{i:02d}" for i in range(25)]  # 75 conversations, none fits in 40 tokens
+    view = dump_view(tokenizer_dir, all_dump(tmp_path / "dump", keys), qa_file(tmp_path / "qa.json", keys),
+                     seq_len=40)
+    with pytest.raises(ValueError, match="all longer than seq_len=40"):
+        list(view([raw_sample(k) for k in keys], train=True))
+
+
+def test_merged_turns_give_one_conversation_per_video_and_packing_does_not_leak(tokenizer_dir, tmp_path):
+    keys = ["vid_a", "vid_b"]
+    qa = qa_file(tmp_path / "qa.json", keys)
+    dump = all_dump(tmp_path / "dump", keys)
+    separate = dump_view(tokenizer_dir, dump, qa, seq_len=400, open_rows=2)
+    merged = dump_view(tokenizer_dir, dump, qa, seq_len=400, open_rows=2, turns="merged")
+    samples = [raw_sample(k) for k in keys]
+
+    rows = list(separate(samples, train=True, rng=random.Random(0)))
+    docs = [(r, d) for r in rows for d in range(r.num_documents)]
+    assert len(docs) == 6 and len(rows) < 6  # packed: several conversations per row
+    for row, d in docs:
+        ids = row.input_ids[row.document_ids == d].tolist()
+        assert ids[0] == BOS_ID and ids.count(TINY.image_start_id) == 2 and ids[-1] == EOS_ID
+        assert row.position_ids[row.document_ids == d].tolist() == list(range(len(ids)))  # restarts: no leakage
+        assert row.labels[row.document_ids == d][0] == X
+
+    rows = list(merged(samples, train=True, rng=random.Random(0)))
+    docs = [row.input_ids[row.document_ids == d].tolist() for row in rows for d in range(row.num_documents)]
+    assert len(docs) == 2
+    for ids in docs:
+        assert ids.count(TINY.image_start_id) == 2  # the video once
+        assert ids.count(EOS_ID) == 3  # three answered turns
+    items = merged.video_index(True)["vid_a"]
+    first_questions = {merged.video_conversations(items, True, random.Random(s))[0][0].text for s in range(8)}
+    assert len(first_questions) > 1  # turn order is shuffled in training
+    assert merged.video_conversations(items, False, random.Random(0))[0][0].text == f"<video>\n{QUESTIONS[0]}"
+
+
+def test_every_validation_question_travels_in_exactly_one_batch(tokenizer_dir, tmp_path):
+    keys = [f"v{i:02d}" for i in range(7)]
+    view = dump_view(tokenizer_dir, all_dump(tmp_path / "dump", keys), qa_file(tmp_path / "qa.json", keys),
+                     seq_len=200, open_rows=3)
+    rows = list(view([raw_sample(k) for k in keys], train=False))
+    batches = [view.collate(rows[i:i + 2]) for i in range(0, len(rows), 2)]
+    ids = [q["id"] for b in batches for q in b["questions"]]
+    assert len(ids) == len(set(ids)) == 21
+
+
+# ------------------------------------------------------------------------------------------- images
+@pytest.fixture(scope="module")
+def tokenizer_exports(tmp_path_factory) -> Path:
+    """Random tiny motion (32 codes) and keyframe (16 codes, 56 px) tokenizer exports for VOCAB."""
+    from videolavit.models.eva_vit import EvaViTConfig
+    from videolavit.models.export import save_export
+    from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
+    from videolavit.models.keyframe_tokenizer_export import init_backbone, save_keyframe_tokenizer
+    from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
+
+    out = tmp_path_factory.mktemp("exports")
+    torch.manual_seed(0)
+    motion = MotionTokenizerConfig(num_frames=24, height=8, width=8, dim=32, num_heads=2, mlp_ratio=2.0,
+                                   blocks_per_stage=[1, 1, 1, 1], downsample="conv", num_codes=VOCAB.motion_codes,
+                                   code_dim=8, stage_factors=[[1, 2, 2], [2, 2, 2], [3, 1, 1], [1, 1, 1]])
+    save_export(MotionTokenizer(motion), out, "motion_tokenizer", motion)
+    keyframe = KeyframeTokenizerConfig(
+        vit=EvaViTConfig(image_size=56, patch_size=14, width=32, depth=1, num_heads=2, mlp_dim=64, embed_dim=32),
+        merger_depth=1, merger_heads=2, merger_mlp_dim=64, num_codes=VOCAB.visual_codes, code_dim=8, llm_dim=32)
+    model = KeyframeTokenizer(keyframe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_keyframe_tokenizer(model, out, init_backbone(model, None, 0))
+    return out
+
+
+def write_png(path: Path, height: int = 40, width: int = 70) -> Path:
+    import av
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xx * 3 % 256, yy * 5 % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    with av.open(str(path), mode="w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def test_image_conversations_are_tokenised_by_the_keyframe_tokenizer_and_mixed_in(tokenizer_dir, tokenizer_exports,
+                                                                                  tmp_path):
+    from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
+
+    (tmp_path / "images").mkdir()
+    write_png(tmp_path / "images" / "cat.png")
+    llava = [{"id": "img1", "image": "cat.png", "conversations": [
+                 {"from": "human", "value": "What is in the image?\n<image>"},
+                 {"from": "gpt", "value": "a red circle"}]},
+             {"id": "txt1", "conversations": [{"from": "human", "value": "Say up."}, {"from": "gpt", "value": "up"}]},
+             {"id": "gone", "image": "missing.png", "conversations": [
+                 {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    view = InstructionSequenceView(
+        tokenizer_path=str(tokenizer_dir), vocabulary=VOCAB, seq_len=256,
+        conversations=str(qa_file(tmp_path / "qa.json", ["x"])),
+        val_image_conversations=str(tmp_path / "llava.json"), image_root=str(tmp_path / "images"),
+        weights={"video": 1.0, "image": 1.0}, motion_tokenizer_export=str(tokenizer_exports),
+        keyframe_tokenizer_export=str(tokenizer_exports))
+    SKIPS.start_stream()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        docs = list(view.documents([], train=False, rng=random.Random(0)))
+        model = load_keyframe_tokenizer(tokenizer_exports).eval()
+    assert SKIPS.counts == Counter({MISSING_IMAGE: 1})
+    assert len(docs) == 2
+    image_doc = next(d for d in docs if VOCAB.image_start_id in d.input_ids)
+    text_doc = next(d for d in docs if VOCAB.image_start_id not in d.input_ids)
+    assert [t for t in image_doc.labels if t != X] == tokens(view, " a red circle") + [EOS_ID]  # answer only
+    assert [t for t in text_doc.labels if t != X] == tokens(view, " up") + [EOS_ID]
+
+    # with a deterministic patch selection, the image block is exactly the keyframe tokenizer's codes
+    model.config.eval_selection = "threshold"
+    view._keyframe_tokenizer().config.eval_selection = "threshold"
+    with torch.no_grad():
+        ids, lengths = model.tokenize(load_image(tmp_path / "images" / "cat.png", 56)[None])
+    again = next(d for d in view.documents([], train=False, rng=random.Random(0))
+                 if VOCAB.image_start_id in d.input_ids)
+    start, end = again.input_ids.index(VOCAB.image_start_id), again.input_ids.index(VOCAB.image_end_id)
+    assert again.input_ids[start + 1:end] == [VOCAB.visual_offset + int(i) for i in ids[0, :lengths[0]]]
+
+
+def test_load_image_resizes_and_centre_crops(tmp_path):
+    image = load_image(write_png(tmp_path / "a.png", height=40, width=70), 32)
+    assert image.shape == (3, 32, 32) and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    with pytest.raises(Exception, match="unreadable_image"):
+        load_image(tmp_path / "bad.png", 32)
+
+
+# ------------------------------------------------------------------------------------------- the stage
+def build_pretrain_export(tokenizer_dir: Path, out: Path, seed: int = 3) -> Path:
+    """A tiny stage-2 export (random weights) in the layout InstructStage starts from."""
+    torch.manual_seed(seed)
+    PretrainStage(tokenizer_path=str(tokenizer_dir), vocabulary=VOCAB, llm_config=LLM).export(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrain_export(tokenizer_dir, tmp_path_factory) -> Path:
+    return build_pretrain_export(tokenizer_dir, tmp_path_factory.mktemp("pretrain") / "export")
+
+
+def stage_batch(tokenizer_dir, tmp_path, vocab=VOCAB) -> dict:
+    codes = {(k, s): [1, 2] for k in ("vid_a", "vid_b") for s in (12, 36)}
+    write_dump(tmp_path / "dump", "keyframe", codes, vocab.visual_codes)
+    write_dump(tmp_path / "dump", "motion", codes, vocab.motion_codes)
+    view = InstructionSequenceView(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, seq_len=256,
+                                   conversations=str(qa_file(tmp_path / "qa.json", ["vid_a", "vid_b"])),
+                                   motion_source="dump", keyframe_source="dump", token_dump=str(tmp_path / "dump"))
+    return view.collate(list(view([raw_sample("vid_a"), raw_sample("vid_b")], train=False)))
+
+
+def test_init_from_a_stage2_export_takes_its_weights_tokenizer_and_vocabulary(pretrain_export):
+    stage = InstructStage(init_from=str(pretrain_export))
+    assert stage.vocabulary == VOCAB and len(stage.tokenizer) == VOCAB.text_size
+    source = AutoModelForCausalLM.from_pretrained(pretrain_export, local_files_only=True)
+    assert torch.equal(stage.llm.model.embed_tokens.weight, source.model.embed_tokens.weight)
+    assert torch.equal(stage.llm.model.layers[1].mlp.down_proj.weight, source.model.layers[1].mlp.down_proj.weight)
+    assert stage.llm.training  # from_pretrained hands back eval mode; activation checkpointing needs train mode
+
+    with pytest.raises(ValueError, match="needs init_from"):
+        InstructStage()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        InstructStage(init_from="/nonexistent/export")
+
+
+def test_init_from_another_export_replaces_the_construction_weights(tokenizer_dir, pretrain_export, tmp_path):
+    other = build_pretrain_export(tokenizer_dir, tmp_path / "other", seed=9)
+    stage = InstructStage(llm_path=str(pretrain_export), init_from=str(other))
+    stage.load_init_from(str(other))  # what setup() does at the start of a new run
+    source = AutoModelForCausalLM.from_pretrained(other, local_files_only=True)
+    assert torch.equal(stage.llm.lm_head.weight, source.lm_head.weight)
+
+
+def test_the_loss_is_taken_on_assistant_tokens_only(tokenizer_dir, pretrain_export, tmp_path):
+    stage = InstructStage(init_from=str(pretrain_export)).eval()
+    batch = stage_batch(tokenizer_dir, tmp_path)
+    answer_ids = {i for a in ("circle", "red", "up")
+                  for i in stage.tokenizer(" " + a, add_special_tokens=False)["input_ids"]}
+    targets = batch["labels"][batch["labels"] != X]
+    assert set(targets.tolist()) <= answer_ids | {EOS_ID} and (targets == EOS_ID).sum() == 6  # 6 answers
+
+    with torch.no_grad():
+        logits = stage(batch["input_ids"], batch["position_ids"])
+    held = logits.clone().requires_grad_(True)
+    stage.forward = lambda input_ids, position_ids: held  # the loss on exactly these logits
+    ce, valid, _ = stage.token_losses(batch)
+    loss = ce.sum() / valid.sum()
+    loss.backward()
+    predicts_target = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    predicts_target[:, :-1] = batch["labels"][:, 1:] != X
+    touched = held.grad.abs().sum(-1) > 0
+    assert torch.equal(touched, predicts_target)  # no gradient from system, user, video or padding positions
+
+    # perturbing the predictions at a user-turn position leaves the loss as it is; at an answer it does not
+    user = int((~predicts_target[0]).nonzero()[5])
+    answer = int(predicts_target[0].nonzero()[0])
+    for position, changes in ((user, False), (answer, True)):
+        perturbed = logits.clone()
+        perturbed[0, position] = torch.randn_like(perturbed[0, position]) * 5
+        stage.forward = lambda input_ids, position_ids, p=perturbed: p
+        ce2, valid2, _ = stage.token_losses(batch)
+        assert (abs(float(ce2.sum() / valid2.sum()) - float(loss.detach())) > 1e-6) == changes
+
+
+def test_answers_are_text_only_and_scored_by_exact_match(pretrain_export, tokenizer_dir, tmp_path):
+    stage = InstructStage(init_from=str(pretrain_export), qa_max_new_tokens=3)
+    batch = stage_batch(tokenizer_dir, tmp_path)
+    questions = batch["questions"]
+    with torch.no_grad():
+        outs = generate_text(stage.llm.eval(), [q["prompt_ids"] for q in questions], vocabulary=VOCAB,
+                             eos_id=EOS_ID, pad_id=stage.tokenizer.pad_token_id, max_new_tokens=3)
+    assert all(0 <= i < VOCAB.text_size and i != EOS_ID for ids in outs for i in ids)
+    preds = {q["id"]: stage.tokenizer.decode(ids, skip_special_tokens=True).strip() for q, ids in zip(questions, outs)}
+    score, answers = stage.answer_questions(questions)
+    assert {a["id"]: a["pred"] for a in answers} == preds  # batched, stop_early=False: the same greedy answers
+    expected = sum(preds[q["id"]].lower() == q["answer"] for q in questions)
+    assert score.total == 6 and score.correct == expected
+    assert set(score.attribute_accuracy()) == {"shape", "color", "direction"}
+
+
+def test_left_padded_batched_decoding_equals_one_prompt_at_a_time(pretrain_export):
+    model = AutoModelForCausalLM.from_pretrained(pretrain_export, local_files_only=True).eval()
+    prompts = [[1, 5, 6, 7, 8, 9, 10], [1, 20, 21], [1, 30, 31, 32, 33]]
+    together = generate_text(model, prompts, vocabulary=VOCAB, eos_id=EOS_ID, pad_id=0, max_new_tokens=5,
+                             stop_early=False)
+    alone = [generate_text(model, [p], vocabulary=VOCAB, eos_id=EOS_ID, pad_id=0, max_new_tokens=5)[0] for p in prompts]
+    assert together == alone
+    with torch.no_grad():  # the first greedy token is the argmax over text ids of the plain forward
+        logits = model(torch.tensor([prompts[0]])).logits[0, -1, :VOCAB.text_size]
+    assert together[0][:1] == [int(logits.argmax())] or int(logits.argmax()) == EOS_ID
+
+
+# ------------------------------------------------------------------------------------------- CLI + export + chat
+def write_config(root: Path, shards: Path, corpus: Path, export: Path, exports: Path, **trainer) -> Path:
+    vocabulary = {"text_size": VOCAB.text_size, "visual_codes": VOCAB.visual_codes, "motion_codes": VOCAB.motion_codes}
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 3, "val_check_interval": 3,
+            "check_val_every_n_epoch": None, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
+            "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(root / "logs"), "name": "instruct"}},
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
+                                         "every_n_train_steps": 3}}],
+            **trainer,
+        },
+        "model": {"class_path": "stages.instruct.InstructStage",
+                  "init_args": {"init_from": str(export), "llm_path": str(export), "qa_eval_questions": 6,
+                                "qa_max_new_tokens": 2,
+                                "optimizer": {"lr": 1e-3}, "export_dir": str(root / "export")}},
+        "data": {"class_path": "datamodules.video_datamodule.VideoDataModule",
+                 "init_args": {"train_shards": str(shards), "val_shards": str(shards),
+                               "view": {"class_path": "datamodules.instruct_views.InstructionSequenceView",
+                                        "init_args": {"tokenizer_path": str(export), "vocabulary": vocabulary,
+                                                      "seq_len": 256, "conversations": str(corpus / "qa.json"),
+                                                      "motion_tokenizer_export": str(exports),
+                                                      "keyframe_tokenizer_export": str(exports),
+                                                      "cache_videos": 16}},
+                               "batch_size": 4, "samples_per_epoch": 64, "shuffle_buffer": 8, "num_workers": 0}},
+    }
+    path = root / "config.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_tiny_fit_logs_qa_accuracy_exports_resumes_and_video_chat_answers(prepared_shards, synthetic_corpus,
+                                                                          pretrain_export, tokenizer_exports,
+                                                                          tmp_path):
+    config = write_config(tmp_path, prepared_shards, synthetic_corpus, pretrain_export, tokenizer_exports)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["fit", "--config", str(config)]) == 0
+    logged = scalars(tmp_path / "logs")
+    assert {"train/loss", "val/loss", "val/qa_accuracy", "val/qa_accuracy_shape", "val/qa_accuracy_color",
+            "val/qa_accuracy_direction"} <= set(logged), sorted(logged)
+    assert [v for _, v in logged["val/qa_questions"]] == [6.0]
+    assert all(0.0 <= v <= 1.0 for _, v in logged["val/qa_accuracy"])
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert model.config.vocab_size == VOCAB.size
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+    with warnings.catch_warnings():  # resume: llm_path builds the model, the checkpoint restores the run
+        warnings.simplefilter("ignore")
+        assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--model.init_args.init_from", "null",
+                     "--trainer.max_steps", "6"]) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chat = VideoChat(tmp_path / "export", tokenizer_exports)
+        video = sorted((synthetic_corpus / "videos").glob("*.mp4"))[0]
+        ids = chat.video_ids(video)
+        answer = chat.answer(video, "What shape is it?", max_new_tokens=3)
+        assert chat.answer(video.read_bytes(), "What shape is it?", max_new_tokens=3) == answer  # reproducible
+    assert isinstance(answer, str)
+    assert ids.count(VOCAB.image_start_id) == ids.count(VOCAB.motion_start_id) == 2  # 2 clips, as prepare takes
+    assert sum(1 for i in ids if i in VOCAB.motion_range) == 2 * 16  # 24x8x8 -> 4x2x2 motion codes per clip
+
+
+@pytest.mark.slow  # two spawned processes
+def test_model_parallel_fit_answers_the_same_questions_on_every_rank(prepared_shards, synthetic_corpus,
+                                                                    pretrain_export, tokenizer_exports, tmp_path):
+    """FSDP2 (ModelParallelStrategy, gloo on CPU) with activation checkpointing: the QA evaluation gathers the
+    questions of both ranks and decodes them in lockstep (a rank that stopped early would hang the other)."""
+    import os
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, prepared_shards, synthetic_corpus, pretrain_export, tokenizer_exports, devices=2,
+                          limit_val_batches=1,
+                          strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                                    "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}})
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "videolavit", "fit", "--config", str(config),
+                           "--model.init_args.activation_checkpointing", "true"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = scalars(tmp_path / "logs")
+    assert [v for _, v in logged["val/qa_questions"]] == [6.0]  # both ranks' questions, the first 6 by id
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert model.config.vocab_size == VOCAB.size

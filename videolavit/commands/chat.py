@@ -1,0 +1,204 @@
+"""``python -m videolavit chat``: answer questions about videos with a trained LLM export.
+
+One question::
+
+    python -m videolavit chat --model runs/tiny/exports/instruct --tokenizers runs/tiny/exports \\
+        --video clip.mp4 --question "In which direction does the shape move?"
+
+prints the answer. Batch mode::
+
+    python -m videolavit chat --model DIR --tokenizers DIR --qa-file qa.json --videos VIDEO_DIR \\
+        --out predictions.jsonl
+
+reads the questions (our synthetic ``qa.json``: ``video_id/question/answer/attribute``; Video-ChatGPT
+evaluation JSON: ``video_name`` (or ``video_id``), ``Q``/``question``/``q``, ``A``/``answer``/``a``, optional
+``question_id``/``id``), decomposes and tokenises each video once, and writes one JSON line per question in
+the Video-ChatGPT evaluation format ``{"id", "video_name", "question", "answer", "pred"}`` (plus
+``attribute`` when the file has one). Videos that cannot be used (not found, unreadable, too short, ...)
+are skipped with their reason and counted, never stopping the run; their questions get no line. When
+every reference answer is one word, exact-match accuracy (normalised case and punctuation) over the
+answered questions is printed, overall and per attribute, and written to ``<out>.accuracy.json``
+(``predictions.jsonl`` -> ``predictions.accuracy.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+HELP = "answer questions about videos with a trained LLM (one question, or a QA file in batch)"
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
+VIDEO_NOT_FOUND = "video_not_found"
+
+AnswerFunction = Callable[[Path, Sequence[str]], list[str]]  # (video file, questions) -> answers
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="LLM export directory (pretrain or instruct export_dir)")
+    parser.add_argument("--tokenizers", required=True,
+                        help="directory with the stage-1 exports motion_tokenizer.* and keyframe_tokenizer.*")
+    one = parser.add_argument_group("one question")
+    one.add_argument("--video", help="a video file")
+    one.add_argument("--question", help="the question about it")
+    batch = parser.add_argument_group("batch mode")
+    batch.add_argument("--qa-file", help="questions: synthetic qa.json or Video-ChatGPT evaluation JSON")
+    batch.add_argument("--videos", help="directory of the videos named in the QA file")
+    batch.add_argument("--out", help="predictions JSONL to write")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--keyframe-source", choices=["tokenizer", "none"], default="tokenizer",
+                        help="'none' for an LLM trained without keyframe codes")
+    parser.add_argument("--keyframe-backbone-weights", help="local ViT weights overriding the keyframe export's")
+    parser.add_argument("--template", choices=["v1", "video_lavit_release"], default="v1")
+    parser.add_argument("--max-clips", type=int, default=8, help="clips per video (as prepare --max-clips)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# ------------------------------------------------------------------------------------------- QA files
+def read_eval_questions(path: str | Path) -> list[dict]:
+    """Questions as ``{"id", "video_name", "question", "answer", "attribute"}`` from a supported QA file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"QA file {path} does not exist")
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of questions")
+
+    def first(item: dict, *keys: str):
+        return next((item[k] for k in keys if k in item), None)
+
+    questions = []
+    for index, item in enumerate(items):
+        video = first(item, "video_name", "video_id", "video")
+        question = first(item, "question", "Q", "q")
+        answer = first(item, "answer", "A", "a")
+        if video is None or question is None:
+            raise ValueError(f"{path}: item {index} needs a video (video_name/video_id) and a question (question/Q)")
+        questions.append({"id": str(first(item, "question_id", "id") or f"{video}#{index}"),
+                          "video_name": str(video), "question": str(question),
+                          "answer": None if answer is None else str(answer), "attribute": item.get("attribute")})
+    return questions
+
+
+def find_video(directory: Path, name: str) -> Path | None:
+    """``directory/name`` if it is a file, else ``directory/name<suffix>`` for the usual video suffixes."""
+    direct = directory / name
+    if direct.is_file():
+        return direct
+    for suffix in VIDEO_SUFFIXES:
+        candidate = directory / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def answer_qa_file(questions: list[dict], videos: str | Path, out: str | Path, answer: AnswerFunction) -> dict:
+    """Answer every question (grouped by video), write the predictions JSONL and return a summary:
+    ``{"answered", "skipped": {reason: videos}, "accuracy": QAScore summary or None}``."""
+    from videolavit.inference.video_chat import QAScore, VideoInputError, is_one_word
+
+    videos, out = Path(videos), Path(out)
+    if not videos.is_dir():
+        raise FileNotFoundError(f"video directory {videos} does not exist")
+    by_video: dict[str, list[dict]] = {}
+    for q in questions:
+        by_video.setdefault(q["video_name"], []).append(q)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    skipped: Counter[str] = Counter()
+    lines = []
+    with open(out, "w", encoding="utf-8") as handle:
+        for name, group in by_video.items():
+            path = find_video(videos, name)
+            try:
+                if path is None:
+                    raise VideoInputError(VIDEO_NOT_FOUND, f"no {name}[{'|'.join(VIDEO_SUFFIXES)}] in {videos}")
+                preds = answer(path, [q["question"] for q in group])
+            except VideoInputError as exc:
+                skipped[exc.reason] += 1
+                print(f"skipped video {name}: {exc}", file=sys.stderr)
+                continue
+            for q, pred in zip(group, preds):
+                line = {"id": q["id"], "video_name": name, "question": q["question"], "answer": q["answer"],
+                        "pred": pred}
+                if q.get("attribute") is not None:
+                    line["attribute"] = q["attribute"]
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+                lines.append(line)
+    summary: dict = {"answered": len(lines), "questions": len(questions), "skipped": dict(skipped),
+                     "accuracy": None}
+    if lines and all(line["answer"] is not None and is_one_word(line["answer"]) for line in lines):
+        score = QAScore()
+        for line in lines:
+            score.update(line["pred"], line["answer"], line.get("attribute"))
+        summary["accuracy"] = score.summary()
+    return summary
+
+
+def accuracy_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.accuracy.json")
+
+
+def format_summary(summary: dict) -> str:
+    text = f"answered {summary['answered']}/{summary['questions']} questions"
+    if summary["skipped"]:
+        text += "; skipped videos: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["skipped"].items()))
+    accuracy = summary.get("accuracy")
+    if accuracy:
+        text += f"\naccuracy {accuracy['accuracy']:.3f} ({accuracy['correct']}/{accuracy['total']})"
+        for name, part in accuracy["per_attribute"].items():
+            text += f"\n  {name:<12} {part['accuracy']:.3f} ({part['correct']}/{part['total']})"
+    return text
+
+
+# ------------------------------------------------------------------------------------------- command
+def run(args: argparse.Namespace) -> int:
+    from videolavit.inference.video_chat import ModelDirectoryError, TokenizerExportError, VideoChat, VideoInputError
+
+    single = args.video is not None or args.question is not None
+    batch = any(x is not None for x in (args.qa_file, args.videos, args.out))
+    if single == batch or (single and (args.video is None or args.question is None)) or \
+            (batch and None in (args.qa_file, args.videos, args.out)):
+        print("error: give either --video and --question, or --qa-file, --videos and --out", file=sys.stderr)
+        return 2
+    try:
+        questions = read_eval_questions(args.qa_file) if batch else None
+        if batch and not Path(args.videos).is_dir():
+            raise FileNotFoundError(f"video directory {args.videos} does not exist")
+        if single and not Path(args.video).is_file():
+            raise FileNotFoundError(f"video not found: {args.video}")
+        chat = VideoChat(args.model, args.tokenizers, keyframe_source=args.keyframe_source,
+                         keyframe_backbone_weights=args.keyframe_backbone_weights, template=args.template,
+                         max_clips=args.max_clips, device=args.device, seed=args.seed)
+    except (ModelDirectoryError, TokenizerExportError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                   top_p=args.top_p)
+    if single:
+        try:
+            print(chat.answer(args.video, args.question, **options))
+        except VideoInputError as exc:
+            print(f"error: {args.video}: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    summary = answer_qa_file(questions, args.videos, args.out,
+                             lambda path, qs: chat.answer_many(path, qs, **options))
+    print(format_summary(summary))
+    if summary["accuracy"] is not None:
+        accuracy_path(args.out).write_text(json.dumps(summary, indent=2))
+        print(f"-> {args.out}, {accuracy_path(args.out)}")
+    else:
+        print(f"-> {args.out}")
+    return 0

@@ -1,0 +1,333 @@
+"""Video chat: answer a question about a video with a trained LLM (stage 2 or stage 3 export).
+
+The path is the training path, run once on one video:
+
+1. ``decompose_video`` (6 fps MPEG-4 re-encode + motion vectors, DESIGN §4) with the same settings and
+   the same clip selection (``select_clip_starts``, ``max_clips``) as ``prepare``;
+2. the frozen stage-1 tokenizers turn each clip into ``[IMG] keyframe codes [/IMG] [MOV] motion codes
+   [/MOV]`` - the very code of the training views (``datamodules.llm_views.VideoTokenView``), so the
+   ids equal the ones the LLM was trained on;
+3. the "v1" conversation template (``videolavit.llm.conversation``) builds the prompt
+   ``{system} USER: <video>\\n{question} ASSISTANT:`` with the video ids in place of ``<video>``;
+4. greedy (or sampled) decoding with every non-text id suppressed (``TextOnlyConstraint``), stopping at
+   eos; the text is decoded and stripped.
+
+Errors a user can act on are named: ``ModelDirectoryError`` (missing or corrupt LLM export directory),
+``TokenizerExportError`` (missing stage-1 exports) and ``VideoInputError`` (a video that cannot be used;
+its ``reason`` is one of ``videolavit.video.errors``, e.g. ``unreadable`` or ``too_short``).
+
+The keyframe tokenizer of tiny runs samples which patches it keeps (``eval_selection="sample"``); the
+tokenisation is seeded per call (``seed``) so the same video always gives the same answer.
+
+``generate_text`` (the decoding loop) and ``QAScore`` (exact-match accuracy, overall and per attribute)
+are shared with stage 3's validation (``stages.instruct``) and the ``chat`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import string
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from videolavit.llm.constrained_decoding import TextOnlyConstraint
+from videolavit.llm.conversation import LLAVA_V1, VIDEO_LAVIT_RELEASE, VIDEO_PLACEHOLDER, ConversationTemplate, Message
+from videolavit.llm.vocabulary import Vocabulary
+from videolavit.video import errors
+from videolavit.video.decompose import DecomposeConfig, VideoSource, decompose_video
+
+VOCABULARY_FILE = "videolavit_vocabulary.json"  # written next to the model by the LLM stages' export
+TEMPLATES: dict[str, ConversationTemplate] = {"v1": LLAVA_V1, "video_lavit_release": VIDEO_LAVIT_RELEASE}
+
+
+class ModelDirectoryError(FileNotFoundError):
+    """The LLM directory is missing, incomplete or unreadable (not an LLM stage export)."""
+
+
+class TokenizerExportError(FileNotFoundError):
+    """A stage-1 tokenizer export (motion / keyframe) is missing from the tokenizers directory."""
+
+
+class VideoInputError(ValueError):
+    """A video that cannot be answered about; ``reason`` is a ``videolavit.video.errors`` name."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"cannot use this video ({reason})" + (f": {detail}" if detail else ""))
+        self.reason, self.detail = reason, detail
+
+
+def template_by_name(name: str) -> ConversationTemplate:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+# ------------------------------------------------------------------------------------------- export dirs
+def read_llm_vocabulary(directory: str | Path) -> Vocabulary:
+    """The id layout an LLM export was trained with (``videolavit_vocabulary.json``)."""
+    path = Path(directory) / VOCABULARY_FILE
+    if not path.is_file():
+        raise ModelDirectoryError(f"{directory} has no {VOCABULARY_FILE}: not an LLM export of the pretrain or "
+                                  "instruct stage (their export writes it next to the model)")
+    try:
+        layout = json.loads(path.read_text())
+        vocab = Vocabulary(text_size=int(layout["text_size"]), visual_codes=int(layout["visual_codes"]),
+                           motion_codes=int(layout["motion_codes"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelDirectoryError(f"{path} is not a readable vocabulary layout: {exc}") from None
+    if int(layout.get("size", vocab.size)) != vocab.size:
+        raise ModelDirectoryError(f"{path} says size {layout['size']} but its sizes give {vocab.size}")
+    return vocab
+
+
+def check_llm_directory(directory: str | Path) -> Path:
+    """An existing directory with a config and weights; raises ``ModelDirectoryError`` otherwise."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelDirectoryError(f"LLM directory {directory} does not exist (pass the export_dir of the "
+                                  "pretrain or instruct stage)")
+    if not (directory / "config.json").is_file():
+        raise ModelDirectoryError(f"{directory} has no config.json: not a Hugging Face model directory")
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
+        raise ModelDirectoryError(f"{directory} has no weights (*.safetensors)")
+    return directory
+
+
+def load_llm(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """``AutoModelForCausalLM`` from a local export (eval mode, cache on); named errors for bad directories."""
+    from transformers import AutoModelForCausalLM
+
+    directory = check_llm_directory(directory)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - corrupt files fail in many libraries' own error types
+        raise ModelDirectoryError(f"cannot load the LLM in {directory}: {type(exc).__name__}: {exc}") from None
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------- decoding
+@torch.inference_mode()
+def generate_text(model, prompts: Sequence[Sequence[int]], *, vocabulary: Vocabulary, eos_id: int, pad_id: int,
+                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None, stop_early: bool = True) -> list[list[int]]:
+    """Continue each prompt with text ids only, until eos (not returned) or ``max_new_tokens``.
+
+    Prompts are left-padded into one batch (``attention_mask`` hides the padding, ``position_ids`` start at
+    0 on each prompt's first real token) and decoded with the KV cache. ``stop_early=False`` always runs
+    ``max_new_tokens`` forward passes: under FSDP every rank must run the same number of them, whatever
+    its rows produce. ``model`` is any causal LM taking ``input_ids/attention_mask/position_ids/
+    past_key_values`` (transformers' Llama, also with the stages' split vocabulary rows).
+    """
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    device = next(model.parameters()).device
+    constraint = TextOnlyConstraint(vocabulary)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    history = ids
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    produced: list[list[int]] = [[] for _ in prompts]
+    next_position = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        scores = constraint(history, logits.float())
+        if do_sample:
+            token = _sample(scores, temperature, top_p, generator)
+        else:
+            token = scores.argmax(-1)
+        for row, value in enumerate(token.tolist()):
+            if not finished[row]:
+                if value == eos_id:
+                    finished[row] = True
+                else:
+                    produced[row].append(value)
+        if step == max_new_tokens - 1 or (stop_early and bool(finished.all())):
+            break
+        history = torch.cat([history, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                    past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        next_position = next_position + 1
+    return produced
+
+
+def _sample(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError("temperature must be positive when sampling")
+    probs = torch.softmax(scores / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely id
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    generator_device = generator.device if generator is not None else None
+    if generator_device is not None and generator_device != probs.device:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------- scoring
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed: ``" Circle."`` -> ``"circle"``."""
+    return " ".join(_PUNCTUATION.sub(" ", str(text).lower()).split())
+
+
+def is_one_word(answer: str) -> bool:
+    return len(normalize_answer(answer).split()) == 1
+
+
+@dataclass
+class QAScore:
+    """Exact-match accuracy of predicted answers (after ``normalize_answer``), overall and per attribute."""
+
+    correct: int = 0
+    total: int = 0
+    per_attribute: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+    def update(self, prediction: str, answer: str, attribute: str | None = None) -> bool:
+        hit = normalize_answer(prediction) == normalize_answer(answer)
+        self.correct += hit
+        self.total += 1
+        if attribute:
+            counts = self.per_attribute[attribute]
+            counts[0] += hit
+            counts[1] += 1
+        return hit
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+    def attribute_accuracy(self) -> dict[str, float]:
+        return {name: hits / count for name, (hits, count) in sorted(self.per_attribute.items()) if count}
+
+    def summary(self) -> dict:
+        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total,
+                "per_attribute": {name: {"accuracy": hits / count, "correct": hits, "total": count}
+                                  for name, (hits, count) in sorted(self.per_attribute.items()) if count}}
+
+
+# ------------------------------------------------------------------------------------------- the chat
+class VideoChat:
+    """Answer questions about videos with an LLM export and the frozen stage-1 tokenizers.
+
+    Args:
+        model_dir: an LLM export (``export_dir`` of the pretrain or instruct stage): HF model, its tokenizer
+            and ``videolavit_vocabulary.json``.
+        tokenizers_dir: directory with the stage-1 exports ``motion_tokenizer.*`` and (unless
+            ``keyframe_source="none"``) ``keyframe_tokenizer.*``, e.g. runs/tiny/exports.
+        keyframe_source: ``"tokenizer"`` (default) or ``"none"`` for an LLM trained without keyframe codes
+            (clips are then ``[MOV] motion [/MOV]`` only; must match how the LLM was trained).
+        keyframe_backbone_weights: local ViT weight file, overriding the path recorded in the keyframe export.
+        template: ``"v1"`` (LLaVA v1.5, training default) or ``"video_lavit_release"``.
+        max_clips: clips per video (as ``prepare --max-clips`` and the views' ``max_clips``).
+        decompose: re-encode settings (``prepare``'s defaults).
+        device, dtype: where and in which dtype the LLM runs; the tokenizers run on ``device`` too.
+        seed: seeds the keyframe tokenizer's patch sampling per call (reproducible answers).
+    """
+
+    def __init__(self, model_dir: str | Path, tokenizers_dir: str | Path, *, keyframe_source: str = "tokenizer",
+                 keyframe_backbone_weights: str | None = None, template: str = "v1", max_clips: int = 8,
+                 decompose: DecomposeConfig | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
+                 seed: int = 0):
+        from datamodules.llm_views import KEYFRAME_EXPORT, MOTION_EXPORT, VideoTokenView
+
+        self.model_dir = check_llm_directory(model_dir)
+        self.vocabulary = read_llm_vocabulary(self.model_dir)
+        tokenizers_dir = Path(tokenizers_dir)
+        needed = [MOTION_EXPORT] + ([KEYFRAME_EXPORT] if keyframe_source == "tokenizer" else [])
+        for name in needed:
+            if not all((tokenizers_dir / f"{name}{suffix}").is_file() for suffix in (".json", ".safetensors")):
+                raise TokenizerExportError(f"{tokenizers_dir} has no {name}.json/.safetensors (the stage-1 export"
+                                           + (", or keyframe_source='none' for a motion-only LLM)"
+                                              if name == KEYFRAME_EXPORT else ")"))
+        self.template = template_by_name(template)
+        self.decompose = decompose or DecomposeConfig(max_clips=max_clips)
+        # The training views' own code path: the same clip selection and the same frozen tokenizers.
+        self.codes = VideoTokenView(str(self.model_dir), self.vocabulary, motion_source="tokenizer",
+                                    motion_tokenizer_export=str(tokenizers_dir), keyframe_source=keyframe_source,
+                                    keyframe_tokenizer_export=str(tokenizers_dir) if keyframe_source == "tokenizer"
+                                    else None, keyframe_backbone_weights=keyframe_backbone_weights,
+                                    tokenizer_device=device, max_clips=max_clips)
+        try:
+            self.tokenizer = self.codes.tokenizer
+        except (OSError, ValueError) as exc:
+            raise ModelDirectoryError(f"cannot load the text tokenizer in {self.model_dir}: {exc}") from None
+        self.model = load_llm(self.model_dir, device=device, dtype=dtype)
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        if rows != self.vocabulary.size:
+            raise ModelDirectoryError(f"the LLM in {self.model_dir} has {rows} vocabulary rows but its "
+                                      f"{VOCABULARY_FILE} says {self.vocabulary.size}")
+        self.seed = seed
+
+    # ---- video -> ids ----------------------------------------------------------------------------
+    def video_ids(self, video: VideoSource, name: str = "video") -> list[int]:
+        """LLM ids of a video (path, bytes or file object): its clips' keyframe and motion blocks."""
+        if isinstance(video, (str, os.PathLike)) and not Path(video).is_file():
+            raise FileNotFoundError(f"video not found: {video}")
+        try:
+            decomposed = decompose_video(video, self.decompose)
+            sample = {"key": name, "caption": "", "meta": decomposed.metadata(), "mp4": decomposed.mp4,
+                      "motion": decomposed.motion}
+            starts = self.codes.clip_starts(sample, False, random.Random(0))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                keyframes, motions = self.codes.video_codes(sample, starts)
+        except errors.VideoSkip as skip:
+            raise VideoInputError(skip.reason, skip.detail) from None
+        return self.codes.video_ids(keyframes, motions)
+
+    def prompt_ids(self, video_ids: Sequence[int], question: str) -> list[int]:
+        """``bos {system} USER: <video ids>\\n{question} ASSISTANT:``."""
+        question = question.replace(VIDEO_PLACEHOLDER, "").strip()
+        message = Message("user", f"{VIDEO_PLACEHOLDER}\n{question}")
+        return self.template.generation_prompt([message], self.tokenizer, [list(video_ids)])
+
+    # ---- answers ---------------------------------------------------------------------------------
+    def answer_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, do_sample: bool = False,
+                   temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+        """Answers (decoded text) to ready prompts, decoded as one batch."""
+        generator = torch.Generator().manual_seed(self.seed) if do_sample else None
+        outputs = generate_text(self.model, prompts, vocabulary=self.vocabulary, eos_id=self.tokenizer.eos_token_id,
+                                pad_id=self.tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+                                do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+
+    def answer(self, video: VideoSource, question: str, max_new_tokens: int = 64, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0) -> str:
+        """The model's answer to ``question`` about ``video`` (a path, mp4 bytes or a file object)."""
+        return self.answer_ids([self.prompt_ids(self.video_ids(video), question)], max_new_tokens=max_new_tokens,
+                               do_sample=do_sample, temperature=temperature, top_p=top_p)[0]
+
+    def answer_many(self, video: VideoSource, questions: Sequence[str], max_new_tokens: int = 64,
+                    **kwargs) -> list[str]:
+        """Several questions about one video: the video is decomposed and tokenised once."""
+        ids = self.video_ids(video)
+        return self.answer_ids([self.prompt_ids(ids, q) for q in questions], max_new_tokens=max_new_tokens, **kwargs)
+
+
+__all__ = ["VideoChat", "ModelDirectoryError", "TokenizerExportError", "VideoInputError", "QAScore",
+           "generate_text", "normalize_answer", "is_one_word", "read_llm_vocabulary", "load_llm",
+           "check_llm_directory", "template_by_name", "TEMPLATES", "VOCABULARY_FILE"]
