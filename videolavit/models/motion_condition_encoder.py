@@ -5,6 +5,11 @@ macroblock of every frame yields one context token: [b, 2, 24, 16, 16] -> [b, 24
 per frame by the spatial and temporal cross-attention layers. The release adds no temporal position
 embedding here (its layout has only ``pos_embed``): frame order reaches the U-Net through its own
 temporal layers. ``temporal_pos_embed=True`` adds one (``temp_pos``) for experiments.
+
+Initialisation: std 0.02 / zero bias (the release lineage) except ``in_proj`` (2 -> dim), which gets
+fan-in init: motion fields are sparse and 2-channel, and with std 0.02 their tokens drown under the
+position embedding, so every clip starts with nearly the same context (``init_token_embedding``).
+Release checkpoints overwrite all of it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .spatiotemporal_transformer import SpatioTemporalBlock, init_transformer_weights
+from .spatiotemporal_transformer import SpatioTemporalBlock, init_token_embedding, init_transformer_weights
 
 
 @dataclass
@@ -50,6 +55,7 @@ class MotionConditionEncoder(nn.Module):
         else:
             self.register_parameter("temp_pos", None)
         self.apply(init_transformer_weights)
+        init_token_embedding(self.in_proj)  # std 0.02 leaves the content below the position embedding
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.temp_pos is not None:
             nn.init.trunc_normal_(self.temp_pos, std=0.02)

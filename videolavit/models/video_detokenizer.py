@@ -1,0 +1,278 @@
+"""The video detokenizer g_V (DESIGN §7, paper §3.2 eq. 3): a keyframe plus a motion field -> a video clip.
+
+Three parts: the motion-condition encoder turns the clip's motion field into per-frame context tokens; the
+3-D U-Net (``VideoUNet``) sees each frame's noisy latent next to the keyframe latent and the motion field
+and cross-attends to the context; the EDM denoiser wraps the U-Net (preconditioning and loss weighting from
+one ``DenoiserScaling``, so they are consistent), trained at log σ ~ N(p_mean, p_std²) and sampled with
+Euler steps on a Karras schedule under a per-frame classifier-free guidance ramp.
+
+This is the API the generation pipeline uses::
+
+    model, latent_space_config = load_video_detokenizer(export_dir)
+    cond = model.conditioning(keyframe_latent, motion)     # [b, C, h, w], [b, 2, T, gh, gw]
+    latents = model.sample(cond, T, generator=g)          # [b, T, C, h, w]
+
+``motion`` is at the scale recorded in the export (``read_video_detokenizer_spec(dir).motion_scale``:
+10 = the tokenizer's, so a motion tokenizer's ``decode`` output goes in as it is); the spec also gives the
+frame size, clip length and motion grid the model was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from videolavit.diffusion.denoiser import Denoiser, append_dims
+from videolavit.diffusion.denoiser_scaling import DenoiserScaling, EDMScaling, VScalingWithEDMcNoise
+from videolavit.diffusion.edm import DiffusionLoss, DiffusionLossTerms
+from videolavit.diffusion.guidance import GuidedDenoiser, LinearFrameGuidance, unconditional
+from videolavit.diffusion.samplers import EulerSampler, KarrasSchedule, initial_latents
+from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
+from videolavit.models.export import ExportError, load_export, save_export
+from videolavit.models.latent_space import LatentSpace
+from videolavit.models.motion_condition_encoder import MotionConditionEncoder, MotionConditionEncoderConfig
+from videolavit.models.video_unet import VideoUNet, VideoUNetConfig
+
+EXPORT_NAME = "video_detokenizer"
+# what the release's classifier-free guidance zeroes for the unconditional branch (the time ids stay)
+UNCONDITIONAL_KEYS = ("keyframe_latent", "motion_field", "motion_context")
+SCALINGS = ("v", "edm")
+
+
+@dataclass
+class VideoDetokenizerConfig:
+    """Every size and constant of g_V; defaults are the release model (SVD-xt U-Net, 16×16 motion input)."""
+
+    unet: VideoUNetConfig = field(default_factory=VideoUNetConfig)
+    motion_encoder: MotionConditionEncoderConfig = field(default_factory=MotionConditionEncoderConfig)
+    motion_gain: float = 0.1  # encoder and U-Net see gain x the motion given to ``conditioning``: 0.1 turns the
+    #                           tokenizer scale (x10) back into the standardised field (unit std on real video)
+    scaling: str = "v"  # "v": SVD's v-prediction with EDM c_noise (σ_data 1, latents) | "edm": EDMScaling(sigma_data)
+    sigma_data: float = 0.5  # data std for scaling "edm" (pixels in [-1, 1])
+    p_mean: float = 1.0  # training noise levels: log σ ~ N(p_mean, p_std²) (paper)
+    p_std: float = 1.2
+    sigma_min: float = 0.002  # Karras sampling schedule (SVD / release)
+    sigma_max: float = 700.0
+    rho: float = 7.0
+    fps_id: float = 6.0  # added time ids, fed to the U-Net as given (release: 6, 127, 0.02)
+    motion_bucket_id: float = 127.0
+    noise_aug_strength: float = 0.02  # also the std of the noise added to the keyframe latent
+    uncond_prob: float = 0.1  # training samples conditioned on nothing (the zeroed keys), which CFG needs
+
+    def __post_init__(self):
+        if isinstance(self.unet, dict):
+            self.unet = VideoUNetConfig(**self.unet)
+        if isinstance(self.motion_encoder, dict):
+            self.motion_encoder = MotionConditionEncoderConfig(**self.motion_encoder)
+        u, e = self.unet, self.motion_encoder
+        if u.cross_attention_dim != e.out_dim:
+            raise ValueError(f"the U-Net's cross_attention_dim ({u.cross_attention_dim}) must equal the motion "
+                             f"encoder's out_dim ({e.out_dim})")
+        if tuple(u.motion_grid) != (e.height, e.width):
+            raise ValueError(f"the U-Net's motion_grid {tuple(u.motion_grid)} must be the motion encoder's grid "
+                             f"({e.height}, {e.width})")
+        if u.motion_channels != e.in_channels:
+            raise ValueError(f"motion channels differ: U-Net {u.motion_channels}, encoder {e.in_channels}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if not 0.0 <= self.uncond_prob < 1.0:
+            raise ValueError(f"uncond_prob must be in [0, 1), got {self.uncond_prob}")
+        if self.motion_gain <= 0:
+            raise ValueError(f"motion_gain must be positive, got {self.motion_gain}")
+
+
+def _resize_motion(motion: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[b, 2, T, gh, gw] -> [b, 2, T, *size], per frame (area when shrinking, linear when growing)."""
+    if tuple(motion.shape[-2:]) == tuple(size):
+        return motion
+    frames = motion.shape[2]
+    shrink = size[0] <= motion.shape[-2] and size[1] <= motion.shape[-1]
+    if shrink:
+        return F.interpolate(motion, size=(frames, *size), mode="area")
+    return F.interpolate(motion, size=(frames, *size), mode="trilinear", align_corners=False)
+
+
+class VideoDetokenizer(nn.Module):
+    """Motion-condition encoder + video U-Net + EDM denoiser (module docstring)."""
+
+    def __init__(self, config: VideoDetokenizerConfig | None = None):
+        super().__init__()
+        self.config = config = config or VideoDetokenizerConfig()
+        self.motion_encoder = MotionConditionEncoder(config.motion_encoder)
+        self.unet = VideoUNet(config.unet)
+        self.scaling: DenoiserScaling = (VScalingWithEDMcNoise() if config.scaling == "v"
+                                         else EDMScaling(config.sigma_data))
+        self.diffusion_loss = DiffusionLoss(LogNormalSigmaSampler(config.p_mean, config.p_std))
+        self.schedule = KarrasSchedule(config.sigma_min, config.sigma_max, config.rho)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.unet.latent_channels
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """D(x, σ, **cond) over this model's network (no parameters of its own)."""
+        return Denoiser(self._network, self.scaling)
+
+    def _network(self, x: torch.Tensor, c_noise: torch.Tensor, *, keyframe_latent: torch.Tensor,
+                 motion_field: torch.Tensor, motion_context: torch.Tensor,
+                 added_time_ids: torch.Tensor) -> torch.Tensor:
+        # x [b, T, C, h, w] (scaled by c_in); per frame: noisy ‖ keyframe ‖ motion field -> U-Net
+        frames = x.shape[1]
+        keyframe = keyframe_latent.unsqueeze(1).expand(-1, frames, -1, -1, -1)
+        sample = torch.cat([x, keyframe.to(x.dtype), motion_field.to(x.dtype)], dim=2)
+        return self.unet(sample, c_noise, motion_context, added_time_ids)
+
+    # ---- conditioning --------------------------------------------------------------------------
+    def conditioning(self, keyframe_latent: torch.Tensor, motion: torch.Tensor, *,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """keyframe_latent [b, C, h, w], motion [b, 2, T, gh, gw] (at the export's ``motion_scale``) -> the
+        U-Net's conditioning: ``keyframe_latent`` (noise-augmented), ``motion_field`` [b, T, 2, h, w] (x
+        ``motion_gain``, at latent size), ``motion_context`` [b, T, N, D], ``added_time_ids`` [b, 3]."""
+        c = self.config
+        if keyframe_latent.dim() != 4 or keyframe_latent.shape[1] != self.latent_channels:
+            raise ValueError(f"keyframe_latent must be [batch, {self.latent_channels}, h, w], "
+                             f"got {list(keyframe_latent.shape)}")
+        if motion.dim() != 5 or motion.shape[1] != c.unet.motion_channels or motion.shape[0] != keyframe_latent.shape[0]:
+            raise ValueError(f"motion must be [{keyframe_latent.shape[0]}, {c.unet.motion_channels}, frames, gh, gw], "
+                             f"got {list(motion.shape)}")
+        batch, _, height, width = keyframe_latent.shape
+        motion = motion.float() * c.motion_gain
+        field_ = _resize_motion(motion, (height, width)).permute(0, 2, 1, 3, 4)  # [b, T, 2, h, w]
+        context = self.motion_encoder(_resize_motion(motion, (c.motion_encoder.height, c.motion_encoder.width)))
+        keyframe = keyframe_latent.float()
+        if c.noise_aug_strength > 0:
+            noise = torch.randn(keyframe.shape, generator=generator, device=keyframe.device, dtype=keyframe.dtype)
+            keyframe = keyframe + c.noise_aug_strength * noise
+        time_ids = torch.tensor([c.fps_id, c.motion_bucket_id, c.noise_aug_strength], device=keyframe.device)
+        return {"keyframe_latent": keyframe, "motion_field": field_.contiguous(), "motion_context": context,
+                "added_time_ids": time_ids.expand(batch, -1)}
+
+    def unconditional(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The release's unconditional branch: keyframe latent, motion field and motion context zeroed."""
+        return unconditional(cond, UNCONDITIONAL_KEYS)
+
+    # ---- training ------------------------------------------------------------------------------
+    def loss_terms(self, x0_latents: torch.Tensor, cond: dict[str, torch.Tensor], *,
+                   generator: torch.Generator | None = None) -> DiffusionLossTerms:
+        """EDM loss terms for clean latents [b, T, C, h, w]; in training mode a fraction ``uncond_prob`` of
+        the samples are trained unconditionally (what guidance needs at inference)."""
+        field_ = cond["motion_field"]
+        if x0_latents.dim() != 5 or x0_latents.shape[:2] != field_.shape[:2] or x0_latents.shape[-2:] != field_.shape[-2:]:
+            raise ValueError(f"x0_latents must be [batch, frames, C, h, w] matching the conditioning "
+                             f"{list(field_.shape[:2])} x {list(field_.shape[-2:])}, got {list(x0_latents.shape)}")
+        if self.training and self.config.uncond_prob > 0:
+            drop = torch.rand(x0_latents.shape[0], generator=generator, device=x0_latents.device) < self.config.uncond_prob
+            cond = {k: torch.where(append_dims(drop, v.ndim), torch.zeros_like(v), v) if k in UNCONDITIONAL_KEYS else v
+                    for k, v in cond.items()}
+        return self.diffusion_loss.terms(self.denoiser, x0_latents.float(), cond, generator=generator)
+
+    def loss(self, x0_latents: torch.Tensor, cond: dict[str, torch.Tensor], *,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scalar EDM loss (see ``loss_terms``)."""
+        return self.loss_terms(x0_latents, cond, generator=generator).loss
+
+    # ---- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, cond: dict[str, torch.Tensor], num_frames: int, *, num_steps: int = 25,
+               guidance: tuple[float, float] | Callable | None = (1.0, 4.0),
+               generator: torch.Generator | None = None, x_init: torch.Tensor | None = None,
+               sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """Euler sampling on the Karras schedule -> latents [b, T, C, h, w].
+
+        guidance: (first, last) scale of ``LinearFrameGuidance`` (release: 1 -> 4), any guidance rule, or None
+        (conditional only; also what (1, 1) amounts to). ``x_init``/``sigmas``: start part-way (long video).
+        ``generator`` must live on the model's device.
+        """
+        keyframe = cond["keyframe_latent"]
+        if cond["motion_field"].shape[1] != num_frames:
+            raise ValueError(f"the conditioning holds {cond['motion_field'].shape[1]} frames of motion, "
+                             f"asked for {num_frames}")
+        shape = (keyframe.shape[0], num_frames, *keyframe.shape[1:])
+        if isinstance(guidance, (tuple, list)):
+            guidance = None if tuple(float(g) for g in guidance) == (1.0, 1.0) else LinearFrameGuidance(*guidance)
+        denoiser = self.denoiser
+        if guidance is None:
+            def denoise(x, sigma):
+                return denoiser(x, sigma, **cond)
+        else:
+            denoise = GuidedDenoiser(denoiser, guidance, cond, self.unconditional(cond))
+        sampler = EulerSampler(num_steps, self.schedule)
+        sigmas = sampler.sigmas(keyframe.device) if sigmas is None else sigmas.to(keyframe.device)
+        if x_init is None:
+            x = initial_latents(shape, float(sigmas[0]), generator=generator, device=keyframe.device)
+        else:
+            if tuple(x_init.shape) != shape:
+                raise ValueError(f"x_init must be {list(shape)}, got {list(x_init.shape)}")
+            x = x_init.float()
+        return sampler(denoise, x, sigmas=sigmas, generator=generator)
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+@dataclass
+class VideoDetokenizerSpec:
+    """What an exported g_V expects, recorded next to its weights."""
+
+    latent_space: dict  # {"class_path": ..., "init_args": {...}} of its (frozen) latent space
+    frame_size: tuple[int, int]  # (H, W) of the frames it was trained on
+    num_frames: int  # frames per clip
+    motion_grid: tuple[int, int]  # (gh, gw) of the motion fields it was conditioned on
+    motion_scale: float  # their scale (10: the motion tokenizer's)
+    motion_source: str = "tokenizer"  # "tokenizer": trained on tokenizer reconstructions | "raw"
+
+    def __post_init__(self):
+        self.frame_size, self.motion_grid = tuple(self.frame_size), tuple(self.motion_grid)
+
+
+def build_latent_space(config: dict) -> LatentSpace:
+    """{"class_path", "init_args"} -> a frozen ``LatentSpace`` (only LatentSpace classes are built)."""
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(f"a latent space config is {{'class_path': ..., 'init_args': {{...}}}}, got {config!r}")
+    module, _, name = str(config["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"latent space class {config['class_path']!r} cannot be imported: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, LatentSpace)):
+        raise ValueError(f"{config['class_path']} is not a videolavit LatentSpace")
+    space = cls(**(config.get("init_args") or {}))
+    space.requires_grad_(False).eval()
+    return space
+
+
+def save_video_detokenizer(model: VideoDetokenizer, directory: str | Path, spec: VideoDetokenizerSpec) -> Path:
+    """Write ``video_detokenizer.safetensors`` + ``.json`` (config and ``spec``) into ``directory``."""
+    return save_export(model, directory, EXPORT_NAME, model.config, extra={"spec": dataclasses.asdict(spec)})
+
+
+def read_video_detokenizer_spec(directory: str | Path) -> VideoDetokenizerSpec:
+    path = Path(directory) / f"{EXPORT_NAME}.json"
+    if not path.is_file():
+        raise ExportError(f"export '{EXPORT_NAME}' is incomplete: {path} does not exist")
+    spec = (json.loads(path.read_text()).get("extra") or {}).get("spec")
+    if spec is None:
+        raise ExportError(f"export '{EXPORT_NAME}' in {directory} records no spec (latent space, frame size, ...)")
+    return VideoDetokenizerSpec(**spec)
+
+
+def load_video_detokenizer(directory: str | Path, map_location: str | torch.device = "cpu"
+                           ) -> tuple[VideoDetokenizer, dict]:
+    """Rebuild g_V from a stage export -> (model in eval mode, latent space config for ``build_latent_space``).
+
+    The rest of what it expects (frame size, clip length, motion grid and scale) is
+    ``read_video_detokenizer_spec(directory)``.
+    """
+    spec = read_video_detokenizer_spec(directory)
+    model = load_export(directory, EXPORT_NAME, map_location=map_location)
+    if not isinstance(model, VideoDetokenizer):
+        raise ExportError(f"export '{EXPORT_NAME}' in {directory} holds a {type(model).__name__}, not a VideoDetokenizer")
+    return model.eval(), dict(spec.latent_space)
