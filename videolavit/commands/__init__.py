@@ -8,6 +8,7 @@ COMMANDS: dict[str, str] = {
     "chat": "videolavit.commands.chat",
     "demo": "videolavit.commands.demo",
     "evaluate": "videolavit.commands.evaluate",
+    "generate": "videolavit.commands.generate",
     "prepare": "videolavit.commands.prepare",
     "synth": "videolavit.commands.synth",
 }

@@ -8,6 +8,7 @@ stops after its last frame.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Sequence
 
 import av
@@ -70,3 +71,12 @@ def decode_clip(mp4: bytes, start: int, num_frames: int = 24, fps: int = 6,
                 size: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 RGB frames [num_frames, H, W, 3] of the clip starting at I-frame ``start``."""
     return decode_frames(mp4, range(start, start + num_frames), fps=fps, size=size)
+
+
+def decode_all_frames(source: str | Path | bytes) -> np.ndarray:
+    """Every frame of a (small, e.g. generated) video as uint8 RGB [T, H, W, 3]."""
+    with av.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"no decodable frames in {source if not isinstance(source, (bytes, bytearray)) else 'bytes'}")
+    return np.stack(frames)

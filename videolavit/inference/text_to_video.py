@@ -1,0 +1,203 @@
+"""Text-to-video, image-to-video and long video from trained exports (DESIGN §7-8; no Lightning).
+
+The chain: prompt → LLM samples each clip's ``[IMG] keyframe codes [/IMG] [MOV] motion codes [/MOV]``
+(``videolavit.llm.visual_generation``: code ranges enforced, release guidance 4.0 / 7.0, fixed motion
+length) → keyframe detokenizer g_I turns the keyframe codes into an image → the motion tokenizer's
+decoder turns the motion codes into a motion field → video detokenizer g_V renders the clip from the
+keyframe and the motion → uint8 frames. Image-to-video puts a given image's codes in the prompt and uses
+the image itself as the first keyframe. Long video (``num_clips`` > 1): the LLM keeps writing clips in
+one sequence, and each later keyframe starts from the previous clip's last frame, noised (release) or
+DDIM-inverted (paper eq. 4) part-way along g_I's schedule, so consecutive clips join up.
+
+Exports directory layout (what the stages' ``export_dir`` write; ``from_directory``):
+``motion_tokenizer.{json,safetensors}``, ``keyframe_tokenizer.{json,safetensors}``,
+``keyframe_detokenizer/``, ``video_detokenizer/`` and an LLM directory (``instruct/`` if present, else
+``pretrain/``; or pass ``llm=``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from videolavit.diffusion.ddim import next_keyframe_start
+from videolavit.llm.sequences import image_token_ids
+from videolavit.llm.text_tokenizer import load_text_tokenizer
+from videolavit.llm.visual_generation import GeneratedClip, SamplingOptions, generate_clips
+from videolavit.models.export import ExportError, load_export
+from videolavit.models.keyframe_detokenizer import build_latent_space, load_keyframe_detokenizer
+from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
+from videolavit.models.latent_space import images_to_uint8, images_to_unit_range
+from videolavit.models.video_detokenizer import load_video_detokenizer, read_video_detokenizer_spec
+
+LLM_DIRECTORIES = ("instruct", "pretrain")
+
+
+@dataclass
+class GenerationOptions:
+    """Sampling settings; defaults are the release's (LLM CFG 4.0 keyframe / 7.0 motion, g_V 25 Euler steps
+    with a per-frame guidance ramp 1 → 4, long-video keyframes noised at 85% of the schedule)."""
+
+    keyframe_guidance: float = 4.0
+    motion_guidance: float = 7.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    keyframe_steps: int | None = None  # g_I steps (None: its config's)
+    keyframe_image_guidance: float | None = None  # g_I CFG scale (None: its config's)
+    video_steps: int = 25
+    video_guidance: tuple[float, float] = (1.0, 4.0)
+    long_video_start: Literal["noise", "invert"] = "noise"
+    long_video_fraction: float = 0.85
+
+
+def _find_export(root: Path, name: str) -> Path:
+    """An export named ``name`` directly in ``root`` or in ``root/name``."""
+    for directory in (root / name, root):
+        if (directory / f"{name}.json").is_file():
+            return directory
+    raise ExportError(f"no '{name}' export in {root} or {root / name} (run its stage with export_dir there)")
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+class TextToVideo:
+    def __init__(self, llm, tokenizer, vocabulary, motion_tokenizer, keyframe_tokenizer, keyframe_detokenizer,
+                 video_detokenizer, video_spec, options: GenerationOptions | None = None, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.llm, self.tokenizer, self.vocabulary = llm.to(self.device).eval(), tokenizer, vocabulary
+        self.motion_tokenizer = motion_tokenizer.to(self.device).eval()
+        self.keyframe_tokenizer = keyframe_tokenizer.to(self.device).eval() if keyframe_tokenizer is not None else None
+        self.keyframe_detokenizer = keyframe_detokenizer.to(self.device).eval()
+        self.keyframe_space = build_latent_space(keyframe_detokenizer.latent_space_spec).to(self.device)
+        self.video_detokenizer, self.video_spec = video_detokenizer.to(self.device).eval(), video_spec
+        self.video_space = build_latent_space(video_spec.latent_space).to(self.device)
+        self.options = options or GenerationOptions()
+        self._check_fit()
+
+    @classmethod
+    def from_directory(cls, directory: str | Path, llm: str | Path | None = None, device: str = "cpu",
+                       keyframe_backbone_weights: str | None = None, **options) -> "TextToVideo":
+        """Everything from one exports directory (see the module docstring); ``options``: GenerationOptions."""
+        from videolavit.inference.video_chat import load_llm, read_llm_vocabulary
+
+        root = Path(directory)
+        if not root.is_dir():
+            raise ExportError(f"exports directory {root} does not exist")
+        if llm is None:
+            found = [root / name for name in LLM_DIRECTORIES if (root / name / "config.json").is_file()]
+            if not found:
+                raise ExportError(f"no LLM export in {root} ({' or '.join(LLM_DIRECTORIES)}/); pass llm=DIR")
+            llm = found[0]
+        vocabulary = read_llm_vocabulary(llm)
+        keyframe_tokenizer = None
+        if (root / "keyframe_tokenizer.json").is_file():  # only image-to-video needs it
+            keyframe_tokenizer = load_keyframe_tokenizer(root, backbone_weights=keyframe_backbone_weights)
+        video_dir = _find_export(root, "video_detokenizer")
+        video_detokenizer, _ = load_video_detokenizer(video_dir)
+        known = {f.name for f in fields(GenerationOptions)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown generation options {unknown}; known: {sorted(known)}")
+        return cls(load_llm(llm), load_text_tokenizer(llm, vocabulary), vocabulary,
+                   load_export(root, "motion_tokenizer"), keyframe_tokenizer,
+                   load_keyframe_detokenizer(_find_export(root, "keyframe_detokenizer")), video_detokenizer,
+                   read_video_detokenizer_spec(video_dir), GenerationOptions(**options), device=device)
+
+    def _check_fit(self) -> None:
+        vocab, tok, spec = self.vocabulary, self.motion_tokenizer.config, self.video_spec
+        if tok.num_codes != vocab.motion_codes:
+            raise ExportError(f"the motion tokenizer has {tok.num_codes} codes, the LLM's vocabulary "
+                              f"{vocab.motion_codes}")
+        if self.keyframe_detokenizer.config.num_codes != vocab.visual_codes:
+            raise ExportError(f"the keyframe detokenizer has {self.keyframe_detokenizer.config.num_codes} codes, "
+                              f"the LLM's vocabulary {vocab.visual_codes}")
+        if (tok.height, tok.width) != tuple(spec.motion_grid) or tok.num_frames != spec.num_frames:
+            raise ExportError(f"the video detokenizer expects {spec.num_frames}x{spec.motion_grid} motion, the motion "
+                              f"tokenizer decodes {tok.num_frames}x{(tok.height, tok.width)}")
+
+    # ---- LLM ---------------------------------------------------------------------------------------
+    def _sampling(self) -> SamplingOptions:
+        o = self.options
+        return SamplingOptions(motion_length=self.motion_tokenizer.num_tokens,
+                               keyframe_max_length=self.keyframe_detokenizer.config.decoder.max_codes,
+                               keyframe_guidance=o.keyframe_guidance, motion_guidance=o.motion_guidance,
+                               temperature=o.temperature, top_k=o.top_k)
+
+    def image_codes(self, image: torch.Tensor) -> list[int]:
+        """Keyframe codes of an image (uint8 [3, H, W]) from the keyframe tokenizer."""
+        if self.keyframe_tokenizer is None:
+            raise ExportError("image-to-video needs the keyframe_tokenizer export next to the others")
+        size = self.keyframe_tokenizer.config.vit.image_size
+        pixels = _resize(image[None].float().div(255.0).to(self.device), (size, size))
+        with torch.no_grad():
+            ids, lengths = self.keyframe_tokenizer.tokenize(pixels)
+        return ids[0, : int(lengths[0])].tolist()
+
+    def clip_tokens(self, prompt: str, num_clips: int = 1, image: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> list[GeneratedClip]:
+        text = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = [self.tokenizer.bos_token_id, *text]
+        if image is not None:
+            ids += image_token_ids(self.image_codes(image), self.vocabulary) + [self.vocabulary.motion_start_id]
+        return generate_clips(self.llm, self.vocabulary, ids, num_clips, self._sampling(), generator=generator)
+
+    # ---- detokenizers ------------------------------------------------------------------------------
+    def keyframe(self, codes: list[int], generator: torch.Generator, previous_frame: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """g_I: keyframe codes -> image in [-1, 1] [1, 3, S, S]; from the previous clip's last frame if given."""
+        kdet, o = self.keyframe_detokenizer, self.options
+        cond = kdet.conditioning(torch.tensor([codes], device=self.device))
+        x_init = sigmas = None
+        if previous_frame is not None:
+            size = kdet.config.image_size
+            latent = self.keyframe_space.encode(_resize(previous_frame, (size, size)))
+            start = next_keyframe_start(latent, kdet.sigmas(o.keyframe_steps, self.device),
+                                        strategy=o.long_video_start, fraction=o.long_video_fraction,
+                                        denoise=kdet.denoise_fn(cond, o.keyframe_image_guidance), generator=generator)
+            x_init, sigmas = start.x, start.sigmas
+        latents = kdet.sample(cond, num_steps=o.keyframe_steps, guidance_scale=o.keyframe_image_guidance,
+                              generator=generator, x_init=x_init, sigmas=sigmas)
+        return self.keyframe_space.decode(latents)
+
+    def clip(self, keyframe: torch.Tensor, motion_codes: list[int], generator: torch.Generator) -> torch.Tensor:
+        """g_V: keyframe in [-1, 1] [1, 3, H, W] + motion codes -> frames in [-1, 1] [T, 3, H, W]."""
+        spec, o = self.video_spec, self.options
+        motion = self.motion_tokenizer.decode(torch.tensor([motion_codes], device=self.device))
+        latent = self.video_space.encode(_resize(keyframe, spec.frame_size))
+        cond = self.video_detokenizer.conditioning(latent, motion, generator=generator)
+        latents = self.video_detokenizer.sample(cond, spec.num_frames, num_steps=o.video_steps,
+                                                guidance=tuple(o.video_guidance), generator=generator)
+        return self.video_space.decode(latents.flatten(0, 1), num_frames=spec.num_frames)
+
+    # ---- public API --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str, num_clips: int = 1, image: torch.Tensor | None = None,
+                 seed: int = 0) -> torch.Tensor:
+        """uint8 frames [num_clips * T, 3, H, W] at the video detokenizer's frame size (6 fps)."""
+        llm_generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(self.device).manual_seed(seed + 1)
+        clips = self.clip_tokens(prompt, num_clips, image, llm_generator)
+        frames, previous = [], None
+        for index, tokens in enumerate(clips):
+            if index == 0 and image is not None:
+                keyframe = images_to_unit_range(image[None].to(self.device))
+            else:
+                keyframe = self.keyframe(tokens.keyframe, generator, previous)
+            clip = self.clip(keyframe, tokens.motion, generator)
+            previous = clip[-1:]
+            frames.append(images_to_uint8(clip))
+        return torch.cat(frames).cpu()
+
+    def __call__(self, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
+        """One clip per prompt -> uint8 [B, T, 3, H, W] (the evaluation protocol's interface)."""
+        seeds = (torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist() if generator is not None
+                 else list(range(len(prompts))))
+        return torch.stack([self.generate(prompt, seed=seed) for prompt, seed in zip(prompts, seeds)])
