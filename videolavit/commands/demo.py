@@ -1,86 +1,136 @@
-"""``python -m videolavit demo``: the whole chain on the embedded synthetic corpus, on a laptop CPU.
+"""``python -m videolavit demo``: the whole Video-LaVIT chain on the embedded synthetic corpus, on a laptop CPU.
 
-Synthesises the moving-shapes corpus (train and held-out seeds), prepares shards, then runs each
-stage's tiny config through ``python -m videolavit fit --config experiments/tiny/<stage>.yaml`` (the
-path users run), chaining exports, and writes ``report.json`` + ``report.md`` with every stage's final
-metrics and its learning check against a baseline. ``--smoke`` is a seconds-scale version for CI.
+1. synthesise the moving-shapes corpus (training seed 0, held-out seed 1) and ``prepare`` shards;
+2. run every stage's tiny config in order through ``python -m videolavit fit --config experiments/tiny/...``
+   (the path users run), each stage reading the exports of the ones before it from ``runs/tiny/exports``:
+   motion tokenizer, keyframe tokenizer, keyframe detokenizer, video detokenizer, pre-training (validated
+   once before training too: the caption-loss baseline), instruction tuning;
+3. answer the held-out questions with ``chat --qa-file`` and generate one video per held-out caption with
+   ``generate --prompts-file``, measuring the direction of motion in each generated mp4 with our own
+   decomposition;
+4. write ``report.json`` + ``report.md``: every stage's final metrics and the learning checks against their
+   baselines (zero motion, the untrained model, chance).
+
+Everything is written under ``WORKDIR/runs/tiny`` (``--workdir``, default the current directory; the tiny
+configs use paths relative to it). ``--smoke`` runs a seconds-scale version (8 + 4 videos, a few steps per
+stage) for CI: it checks that every export loads into the next stage and that the outputs are well formed,
+not that anything learned.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HELP = "run the whole chain on the synthetic corpus (CPU, minutes) and write a report"
+HELP = "run the whole chain on the synthetic corpus (CPU, ~15 min) and write a report with learning checks"
 
-WORKDIR = Path("runs/tiny")  # the tiny configs read and write here
+REPO = Path(__file__).resolve().parents[2]
+TINY = Path("runs/tiny")  # relative to the work directory, as in the tiny configs
+EXPORTS = TINY / "exports"
+CHANCE = {"shape": 1 / 4, "color": 1 / 5, "direction": 1 / 4}
+SMOKE_STEPS = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1"]
 
 
 @dataclass
 class Stage:
-    name: str
-    config: str
-    check: str  # what the learning check compares
-    metric: str  # the logged scalar checked
-    threshold: float  # pass when metric <= threshold
-    smoke_overrides: list[str] = field(default_factory=list)
-    export: str = ""
+    name: str  # the tiny config's name and its TensorBoard log directory under runs/tiny
+    export: str  # what it leaves in runs/tiny/exports (a file or directory); checked to exist
+    check: str = ""  # what its learning check compares
+    metric: str | None = None  # the logged scalar checked
+    passes: str = ""  # "<= 0.30", ">= 0.5", or "< baseline" (see _passes)
+    baseline: str | None = None  # what the metric is compared with, if not a number
+    smoke: list[str] = field(default_factory=list)  # extra overrides in --smoke
+
+    @property
+    def config(self) -> Path:
+        return REPO / "experiments" / "tiny" / f"{self.name}.yaml"
 
 
 STAGES = [
-    Stage(name="motion_tokenizer", config="experiments/tiny/motion_tokenizer.yaml",
-          check="held-out reconstruction MSE / MSE of predicting zero motion", metric="val/recon_ratio",
-          threshold=0.30, export="exports/motion_tokenizer.safetensors",
-          smoke_overrides=["--trainer.max_steps", "20", "--trainer.val_check_interval", "20",
-                           "--data.init_args.batch_size", "8"]),
+    Stage("motion_tokenizer", "motion_tokenizer.safetensors",
+          "held-out motion reconstruction MSE / MSE of predicting zero motion", "val/recon_ratio", "<= 0.30",
+          smoke=["--data.init_args.batch_size", "8"]),
+    Stage("keyframe_tokenizer", "keyframe_tokenizer.safetensors",
+          "held-out cosine of the ViT features decoded from the codes (0 = unrelated)", "val/feature_cosine",
+          ">= 0.5", smoke=["--data.init_args.batch_size", "8"]),
+    Stage("keyframe_detokenizer", "keyframe_detokenizer",
+          "held-out keyframe PSNR of images rendered from their codes", "val/psnr", ">= 15.0",
+          smoke=["--data.init_args.batch_size", "4"]),
+    Stage("video_detokenizer", "video_detokenizer",
+          "direction of motion in clips rendered from held-out keyframe + motion tokens (chance 0.25)",
+          "val/direction_agreement", ">= 0.5", smoke=["--data.init_args.batch_size", "2", "--model.init_args.direction_clips",
+                                                     "2", "--model.init_args.sample_steps", "2"]),
+    Stage("pretrain", "pretrain",
+          "held-out caption loss after pre-training vs the same model before training", "val/loss_text",
+          "< 0.5 * baseline", baseline="val/loss_text before training", smoke=["--data.init_args.batch_size", "2"]),
+    Stage("instruct", "instruct", smoke=["--data.init_args.batch_size", "2", "--model.init_args.qa_eval_questions", "4"]),
 ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default=".", help="where runs/tiny is written (default: current directory)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps per stage (CI)")
     parser.add_argument("--train-videos", type=int, default=64)
     parser.add_argument("--val-videos", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--from-stage", default=None, help="skip the stages before this one (their exports must exist)")
 
 
-def _run(cmd: list[str], log: Path) -> float:
-    start = time.time()
-    print(f"  $ {' '.join(cmd)}", flush=True)
-    with open(log, "w") as handle:
-        done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise SystemExit(f"demo: step failed (exit {done.returncode}); log {log}:\n{tail}")
-    return time.time() - start
+class Runner:
+    """Runs ``python -m videolavit ...`` in the work directory, logging to runs/tiny/logs/<name>.log."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.logs = workdir / TINY / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        # One intra-op thread per process: the tiny ops are small and the data workers need the other core.
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+    def __call__(self, name: str, *args: str) -> float:
+        cmd = [sys.executable, "-m", "videolavit", *args]
+        log = self.logs / f"{name}.log"
+        print(f"  $ {' '.join(cmd)}   (log: {log})", flush=True)
+        start = time.time()
+        with open(log, "w") as handle:
+            done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env)
+        if done.returncode != 0:
+            tail = "\n".join(log.read_text().splitlines()[-30:])
+            raise SystemExit(f"demo: `{name}` failed (exit {done.returncode}); log {log}:\n{tail}")
+        return time.time() - start
 
 
-def _prepare_data(args: argparse.Namespace, logs: Path) -> dict:
-    data = WORKDIR / "data"
+def _prepare_data(run: Runner, args: argparse.Namespace) -> dict:
+    data = TINY / "data"
     timings = {}
-    train_videos, val_videos = (8, 4) if args.smoke else (args.train_videos, args.val_videos)
-    for split, seed, count in (("train", 0, train_videos), ("val", 1, val_videos)):
+    counts = (8, 4) if args.smoke else (args.train_videos, args.val_videos)
+    for split, seed, count in (("train", 0, counts[0]), ("val", 1, counts[1])):
         corpus, shards = data / f"corpus_{split}", data / f"shards_{split}"
-        manifest = shards / "manifest.json"
+        manifest = run.workdir / shards / "manifest.json"
         if manifest.is_file() and json.loads(manifest.read_text()).get("written") == count:
             print(f"[data] {split}: reusing {shards}", flush=True)
             continue
         print(f"[data] {split}: {count} synthetic videos (seed {seed}) -> shards", flush=True)
-        timings[f"synth_{split}"] = _run([sys.executable, "-m", "videolavit", "synth", "--out", str(corpus),
-                                          "--num-videos", str(count), "--seed", str(seed), "--workers",
-                                          str(args.workers), "--overwrite"], logs / f"synth_{split}.log")
-        timings[f"prepare_{split}"] = _run([sys.executable, "-m", "videolavit", "prepare", "--videos",
-                                            str(corpus / "videos"), "--captions", str(corpus / "captions.csv"),
-                                            "--out", str(shards), "--workers", str(args.workers),
-                                            "--videos-per-unit", "8", "--no-progress"], logs / f"prepare_{split}.log")
-    return timings
+        timings[f"synth_{split}"] = run(f"synth_{split}", "synth", "--out", str(corpus), "--num-videos", str(count),
+                                        "--seed", str(seed), "--workers", str(args.workers), "--overwrite")
+        if (run.workdir / shards).exists():
+            import shutil
+
+            shutil.rmtree(run.workdir / shards)
+        timings[f"prepare_{split}"] = run(f"prepare_{split}", "prepare", "--videos", str(corpus / "videos"),
+                                          "--captions", str(corpus / "captions.csv"), "--out", str(shards),
+                                          "--workers", str(args.workers), "--videos-per-unit", "8", "--no-progress")
+    return {k: round(v, 1) for k, v in timings.items()}
 
 
-def _last_scalars(log_dir: Path) -> dict[str, float]:
+def last_scalars(log_dir: Path) -> dict[str, float]:
+    """The last value of every scalar in the newest ``version_*`` TensorBoard run under ``log_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     versions = sorted(log_dir.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -91,36 +141,142 @@ def _last_scalars(log_dir: Path) -> dict[str, float]:
     return {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
 
 
+def _passes(rule: str, value: float | None, baseline: float | None) -> bool:
+    if value is None:
+        return False
+    op, _, bound = rule.partition(" ")
+    if bound.endswith("baseline"):
+        if baseline is None:
+            return False
+        factor = bound.split("*")[0].strip()
+        bound_value = (float(factor) if factor != "baseline" else 1.0) * baseline
+    else:
+        bound_value = float(bound)
+    return {"<=": value <= bound_value, ">=": value >= bound_value, "<": value < bound_value,
+            ">": value > bound_value}[op]
+
+
+def _run_stage(run: Runner, stage: Stage, smoke: bool) -> dict:
+    extra = SMOKE_STEPS + stage.smoke if smoke else []
+    baseline = None
+    seconds = 0.0
+    if stage.baseline is not None:
+        # The same model before any training (seeded init) on the same held-out data.
+        seconds += run(f"{stage.name}_before", "validate", "--config", str(stage.config), *extra)
+        baseline = last_scalars(run.workdir / TINY / stage.name).get(stage.metric)
+    seconds += run(stage.name, "fit", "--config", str(stage.config), *extra)
+    scalars = last_scalars(run.workdir / TINY / stage.name)
+    value = scalars.get(stage.metric) if stage.metric else None
+    export = run.workdir / EXPORTS / stage.export
+    result = {"minutes": round(seconds / 60, 2), "export": str(EXPORTS / stage.export), "export_exists": export.exists(),
+              "metrics": {k: round(v, 5) for k, v in sorted(scalars.items()) if k.startswith("val/")}}
+    if stage.metric:
+        result["check"] = {"what": stage.check, "metric": stage.metric, "value": value, "rule": stage.passes,
+                           "baseline": baseline, "passed": None if smoke else _passes(stage.passes, value, baseline)}
+    if not result["export_exists"]:
+        raise SystemExit(f"demo: {stage.name} finished but wrote no export at {export}")
+    return result
+
+
+def _question_answering(run: Runner, smoke: bool) -> dict:
+    corpus = TINY / "data" / "corpus_val"
+    out = TINY / "qa_predictions.jsonl"
+    seconds = run("chat_heldout", "chat", "--model", str(EXPORTS / "instruct"), "--tokenizers", str(EXPORTS),
+                  "--qa-file", str(corpus / "qa.json"), "--videos", str(corpus / "videos"), "--out", str(out))
+    records = [json.loads(line) for line in (run.workdir / out).read_text().splitlines() if line.strip()]
+    if not records or not all({"question", "answer", "pred"} <= set(r) for r in records):
+        raise SystemExit(f"demo: {out} is not well formed")
+    by_attribute: dict[str, list[bool]] = {}
+    for r in records:
+        correct = r["pred"].strip().lower().strip(".!") == r["answer"].strip().lower()
+        by_attribute.setdefault(r.get("attribute", "all"), []).append(correct)
+    accuracy = {k: sum(v) / len(v) for k, v in sorted(by_attribute.items())}
+    return {"minutes": round(seconds / 60, 2), "questions": len(records), "predictions": str(out),
+            "accuracy": accuracy, "chance": {k: CHANCE.get(k) for k in accuracy},
+            "passed": None if smoke else all(acc >= 0.8 for acc in accuracy.values())}
+
+
+def _text_to_video(run: Runner, smoke: bool) -> dict:
+    from videolavit.synth.moving_shapes import load_corpus
+    from videolavit.video.frames import decode_all_frames
+    from videolavit.video.motion_direction import direction_agreement, measure_motion
+
+    specs = load_corpus(run.workdir / TINY / "data" / "corpus_val")
+    if smoke:
+        specs = specs[:2]
+    prompts = run.workdir / TINY / "t2v_prompts.txt"
+    prompts.write_text("".join(s.caption + "\n" for s in specs))  # the held-out videos' own captions
+    out_dir = TINY / "t2v"
+    seconds = run("generate_heldout", "generate", "--exports", str(EXPORTS), "--prompts-file", str(prompts),
+                  "--out-dir", str(out_dir), *(["--video-steps", "2", "--keyframe-steps", "2"] if smoke else []))
+    measured, frames_ok = [], True
+    for index, spec in enumerate(specs):
+        frames = decode_all_frames(run.workdir / out_dir / f"clip_{index:04d}.mp4")
+        frames_ok &= frames.shape[0] == 24
+        measured.append(measure_motion(frames).direction)
+    agreement = direction_agreement(measured, [s.direction for s in specs])
+    return {"minutes": round(seconds / 60, 2), "videos": len(specs), "frames_per_video_ok": bool(frames_ok),
+            "direction_agreement": agreement, "chance": 0.25, "measured": measured,
+            "expected": [s.direction for s in specs], "passed": None if smoke else agreement > 0.5}
+
+
+def _verdict(passed: bool | None) -> str:
+    return "smoke: not checked" if passed is None else ("pass" if passed else "FAIL")
+
+
+def _markdown(report: dict) -> str:
+    lines = [f"# videolavit demo ({report['mode']}) — {report['minutes']} min", "",
+             "| stage | learning check | value | pass rule | result | minutes |", "|---|---|---|---|---|---|"]
+    for name, r in report["stages"].items():
+        check = r.get("check")
+        if check is None:
+            lines.append(f"| {name} | — | — | — | — | {r['minutes']} |")
+            continue
+        value = "n/a" if check["value"] is None else f"{check['value']:.4f}"
+        rule = check["rule"].replace("baseline", f"{check['baseline']:.4f}" if check["baseline"] is not None else "?")
+        lines.append(f"| {name} | {check['what']} | {value} | {rule} | {_verdict(check['passed'])} | "
+                     f"{r['minutes']} |")
+    qa = report.get("question_answering")
+    if qa:
+        lines += ["", f"Held-out QA ({qa['questions']} questions, {qa['minutes']} min; goal >= 0.8 on every "
+                      f"attribute: {_verdict(qa['passed'])}):", "",
+                  "| attribute | accuracy | chance |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {qa['chance'].get(k) or 0:.3f} |" for k, v in qa["accuracy"].items()]
+    t2v = report.get("text_to_video")
+    if t2v:
+        lines += ["", f"Text-to-video on {t2v['videos']} held-out prompts ({t2v['minutes']} min): direction agreement "
+                      f"{t2v['direction_agreement']:.3f} (chance {t2v['chance']}; goal > 0.5: {_verdict(t2v['passed'])})."]
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.time()
-    logs = WORKDIR / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    report = {"mode": "smoke" if args.smoke else "full", "data": {}, "stages": {}}
-    report["data"]["seconds"] = _prepare_data(args, logs)
-    for stage in STAGES:
-        print(f"[{stage.name}] fit --config {stage.config}", flush=True)
-        cmd = [sys.executable, "-m", "videolavit", "fit", "--config", stage.config]
-        seconds = _run(cmd + (stage.smoke_overrides if args.smoke else []), logs / f"{stage.name}.log")
-        scalars = _last_scalars(WORKDIR / stage.name)
-        value = scalars.get(stage.metric)
-        export = WORKDIR / stage.export
-        result = {"seconds": round(seconds, 1), "metrics": {k: round(v, 5) for k, v in scalars.items()
-                                                             if k.startswith(("val/", "train/"))},
-                  "check": stage.check, "check_metric": stage.metric, "check_value": value,
-                  "check_threshold": stage.threshold, "passed": value is not None and value <= stage.threshold,
-                  "export": str(export), "export_exists": export.is_file()}
+    workdir = Path(args.workdir).resolve()
+    runner = Runner(workdir)
+    report = {"mode": "smoke" if args.smoke else "full", "workdir": str(workdir), "stages": {}}
+    report["data_seconds"] = _prepare_data(runner, args)
+    names = [s.name for s in STAGES]
+    if args.from_stage is not None and args.from_stage not in names + ["evaluation"]:
+        raise SystemExit(f"demo: unknown --from-stage {args.from_stage!r}; stages: {names + ['evaluation']}")
+    skip = names.index(args.from_stage) if args.from_stage in names else (len(names) if args.from_stage else 0)
+    for index, stage in enumerate(STAGES):
+        if index < skip:
+            continue
+        print(f"[{index + 1}/{len(STAGES)} {stage.name}] fit --config {stage.config.relative_to(REPO)}", flush=True)
+        result = _run_stage(runner, stage, args.smoke)
         report["stages"][stage.name] = result
-        print(f"[{stage.name}] {stage.metric} = {value} (check: <= {stage.threshold}: "
-              f"{'pass' if result['passed'] else 'FAIL'}) in {seconds / 60:.1f} min", flush=True)
+        check = result.get("check")
+        if check:
+            against = "" if check["baseline"] is None else f", baseline {check['baseline']:.4f}"
+            print(f"[{stage.name}] {check['metric']} = {check['value']} ({check['rule']}{against}: "
+                  f"{_verdict(check['passed'])}) in {result['minutes']} min", flush=True)
+    print("[evaluation] held-out question answering and text-to-video", flush=True)
+    report["question_answering"] = _question_answering(runner, args.smoke)
+    report["text_to_video"] = _text_to_video(runner, args.smoke)
     report["minutes"] = round((time.time() - started) / 60, 2)
-    (WORKDIR / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# videolavit demo ({report['mode']}) — {report['minutes']} min", "",
-             "| stage | learning check | value | threshold | result | minutes |", "|---|---|---|---|---|---|"]
-    for name, r in report["stages"].items():
-        value = "n/a" if r["check_value"] is None else f"{r['check_value']:.4f}"
-        lines.append(f"| {name} | {r['check']} | {value} | ≤ {r['check_threshold']} | "
-                     f"{'pass' if r['passed'] else 'FAIL'} | {r['seconds'] / 60:.1f} |")
-    (WORKDIR / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nreport: {WORKDIR / 'report.json'}, {WORKDIR / 'report.md'}")
+    (workdir / TINY / "report.json").write_text(json.dumps(report, indent=2))
+    markdown = _markdown(report)
+    (workdir / TINY / "report.md").write_text(markdown)
+    print(markdown)
+    print(f"report: {workdir / TINY / 'report.json'}, {workdir / TINY / 'report.md'}")
     return 0
