@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = Path("runs/tiny")  # relative to the work directory, as in the tiny configs
 EXPORTS = TINY / "exports"
 CHANCE = {"shape": 1 / 4, "color": 1 / 5, "direction": 1 / 4}
+T2V_PROMPTS, T2V_STEPS = 8, 10  # held-out captions generated, and sampling steps of both U-Nets (release: 25)
 SMOKE_STEPS = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1"]
 
 
@@ -201,21 +202,21 @@ def _text_to_video(run: Runner, smoke: bool) -> dict:
     from videolavit.video.frames import decode_all_frames
     from videolavit.video.motion_direction import direction_agreement, measure_motion
 
-    specs = load_corpus(run.workdir / TINY / "data" / "corpus_val")
-    if smoke:
-        specs = specs[:2]
+    specs = load_corpus(run.workdir / TINY / "data" / "corpus_val")[:T2V_PROMPTS if not smoke else 2]
     prompts = run.workdir / TINY / "t2v_prompts.txt"
     prompts.write_text("".join(s.caption + "\n" for s in specs))  # the held-out videos' own captions
     out_dir = TINY / "t2v"
     seconds = run("generate_heldout", "generate", "--exports", str(EXPORTS), "--prompts-file", str(prompts),
-                  "--out-dir", str(out_dir), *(["--video-steps", "2", "--keyframe-steps", "2"] if smoke else []))
+                  "--out-dir", str(out_dir), "--video-steps", str(2 if smoke else T2V_STEPS),
+                  "--keyframe-steps", str(2 if smoke else T2V_STEPS))
     measured, frames_ok = [], True
     for index, spec in enumerate(specs):
         frames = decode_all_frames(run.workdir / out_dir / f"clip_{index:04d}.mp4")
         frames_ok &= frames.shape[0] == 24
         measured.append(measure_motion(frames).direction)
     agreement = direction_agreement(measured, [s.direction for s in specs])
-    return {"minutes": round(seconds / 60, 2), "videos": len(specs), "frames_per_video_ok": bool(frames_ok),
+    return {"minutes": round(seconds / 60, 2), "videos": len(specs), "sampling_steps": 2 if smoke else T2V_STEPS,
+            "frames_per_video_ok": bool(frames_ok),
             "direction_agreement": agreement, "chance": 0.25, "measured": measured,
             "expected": [s.direction for s in specs], "passed": None if smoke else agreement > 0.5}
 
