@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread in every test: the ops are tiny, and on the 2 shared CPU cores of CI two threads per
+# process spin against the DataLoader workers and each other (steps 10-40x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import pytest
 
 from tests.test_instruct import (  # noqa: F401  (module fixtures, rebuilt for this module)
     VOCAB,
-    one_thread,
     pretrain_export,
     tokenizer_dir,
     tokenizer_exports,

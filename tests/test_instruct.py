@@ -49,13 +49,6 @@ VIDEO = [300, 306, 302, 301, 307, 309, 312, 308,   # clip at 12: [IMG] kf 4 0 [/
 QUESTIONS = ["What shape is it?", "Which color does the shape have?", "In which direction does the shape move?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,6 @@ UNET = dict(in_channels=3, out_channels=3, block_out_channels=(16, 32),
             addition_time_embed_dim=8, norm_num_groups=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(**diffusion) -> KeyframeDetokenizerConfig:

@@ -37,13 +37,6 @@ L = 64  # packed row length of the golden tests
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads spin against each other (~30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory, synthetic_corpus) -> Path:

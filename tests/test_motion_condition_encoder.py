@@ -12,12 +12,6 @@ from videolavit.models.motion_condition_encoder import MotionConditionEncoder, M
 from tests.release_layout import release_layout
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**overrides) -> MotionConditionEncoderConfig:

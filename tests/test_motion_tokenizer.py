@@ -1,9 +1,7 @@
 """Motion tokenizer: token grids of each variant, release layout and strict loading, exports, precision,
 the space-time blocks' factorisation, and a small overfitting run."""
 
-import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +15,6 @@ from tests.release_layout import release_layout
 EMA_BUFFERS = {"quantize.cluster_size", "quantize.num_updates"}  # ours, not in the release
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI box has 2 shared cores; one thread per test process avoids oversubscription stalls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(name: str, **overrides) -> MotionTokenizerConfig:

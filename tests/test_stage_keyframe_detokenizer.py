@@ -46,12 +46,6 @@ TRAINED = ("detokenizer.unet.", "detokenizer.feature_decoder.unet_proj_1.", "det
            "detokenizer.feature_decoder.unet_attnpool.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

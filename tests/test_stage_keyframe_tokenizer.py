@@ -53,13 +53,6 @@ VAL_SCALARS = {"val/loss", "val/reconstruction_loss", "val/feature_cosine", "val
                "val/keep_ratio", "val/keep_prob", "val/codebook_usage", "val/perplexity"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and much faster on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_stage(backbone: Path | None, **kwargs) -> KeyframeTokenizerStage:

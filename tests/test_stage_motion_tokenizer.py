@@ -36,13 +36,6 @@ VAL_CLIPS = 16  # 8 videos x 2 clips
 VAL_SCALARS = {"val/recon_mse", "val/zero_mse", "val/recon_ratio", "val/codebook_usage", "val/perplexity"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: two OpenMP threads per process stall each other (steps 10-40x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_config(root: Path, shards: Path, batch_size: int = 4, callbacks: list[dict] | None = None) -> Path:

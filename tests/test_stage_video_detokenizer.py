@@ -43,12 +43,6 @@ DETOKENIZER = {
 VAL_SCALARS = {"val/loss", "val/direction_agreement", "val/direction_agreement_input"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,6 @@ PIXELS = {"class_path": "videolavit.models.latent_space.PixelSpace", "init_args"
 FRAME = (16, 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,6 @@ import torch.nn.functional as F
 from videolavit.models.vector_quantizer import VectorQuantizer, perplexity
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI box has 2 shared cores; one thread per test process avoids oversubscription stalls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _quantizer(weight, **kwargs) -> VectorQuantizer:

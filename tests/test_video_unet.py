@@ -27,12 +27,6 @@ TINY_UNET = dict(down_block_types=DOWN, up_block_types=UP, block_out_channels=(3
                  num_attention_heads=(1, 2), cross_attention_dim=16, addition_time_embed_dim=8, motion_grid=(4, 4))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_unet(**overrides) -> VideoUNet:
