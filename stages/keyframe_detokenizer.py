@@ -48,7 +48,6 @@ from videolavit.models.keyframe_detokenizer import (
     KeyframeDetokenizer,
     KeyframeDetokenizerConfig,
     KeyframeDiffusionConfig,
-    latent_space_spec,
     save_keyframe_detokenizer,
 )
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
@@ -56,7 +55,7 @@ from videolavit.models.keyframe_tokenizer import KeyframeTokenizer
 from videolavit.models.keyframe_tokenizer_export import EXPORT_NAME as TOKENIZER_EXPORT_NAME
 from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
 from videolavit.models.keyframe_unet import KeyframeUNetConfig, load_shared_unet_weights
-from videolavit.models.latent_space import LatentSpace, PixelSpace, images_to_uint8
+from videolavit.models.latent_space import LatentSpace, PixelSpace, images_to_uint8, latent_space_spec
 
 DECODER_EXPORT_NAME = "keyframe_feature_decoder"  # written by stages.keyframe_tokenizer
 SOURCE_KEY = "keyframe_tokenizer_source"  # checkpoint entry: where the frozen parts came from

@@ -28,14 +28,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from stages.base import OptimizerConfig, StageModule
 from videolavit.models.export import ExportError, read_export
-from videolavit.models.latent_space import images_to_uint8
+from videolavit.models.latent_space import build_latent_space, images_to_uint8
 from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
 from videolavit.models.video_detokenizer import (
     EXPORT_NAME,
     VideoDetokenizer,
     VideoDetokenizerConfig,
     VideoDetokenizerSpec,
-    build_latent_space,
     save_video_detokenizer,
 )
 from videolavit.models.video_unet import load_svd_unet_weights

@@ -20,15 +20,13 @@ from videolavit.models.keyframe_detokenizer import (
     KeyframeDetokenizer,
     KeyframeDetokenizerConfig,
     KeyframeDiffusionConfig,
-    build_latent_space,
-    latent_space_spec,
     load_keyframe_detokenizer,
     pack_ids,
     save_keyframe_detokenizer,
 )
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
 from videolavit.models.keyframe_unet import KeyframeUNet, KeyframeUNetConfig, load_shared_unet_weights, time_ids
-from videolavit.models.latent_space import PixelSpace
+from videolavit.models.latent_space import PixelSpace, build_latent_space, latent_space_spec
 from videolavit.synth.moving_shapes import COLORS
 
 NUM_CODES, CODE_DIM, IMAGE = 64, 8, 16

@@ -54,3 +54,16 @@ def test_vae_space_shapes_scaling_and_frozen(tiny_vae_dir):
 def test_vae_space_missing_directory_names_the_option(tmp_path):
     with pytest.raises(MissingWeightsError, match="latent_space.init_args.path"):
         VaeLatentSpace(str(tmp_path / "nope"))
+
+
+def test_spec_round_trip_rebuilds_the_same_space(tiny_vae_dir):
+    from videolavit.models.latent_space import build_latent_space, latent_space_spec
+
+    pixel = build_latent_space(latent_space_spec(PixelSpace(scale=0.5)))
+    assert isinstance(pixel, PixelSpace) and pixel.scale == 0.5
+    vae = VaeLatentSpace(str(tiny_vae_dir), chunk=3)
+    rebuilt = build_latent_space(latent_space_spec(vae))
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(rebuilt.encode(images), vae.encode(images)) and rebuilt.chunk == 3
+    with pytest.raises(ValueError, match="not a videolavit LatentSpace"):
+        build_latent_space({"class_path": "torch.nn.Identity"})

@@ -22,13 +22,12 @@ from videolavit.models.export import ExportError
 from videolavit.models.keyframe_detokenizer import (
     KeyframeDetokenizerConfig,
     KeyframeDiffusionConfig,
-    build_latent_space,
     load_keyframe_detokenizer,
 )
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
 from videolavit.models.keyframe_tokenizer import KeyframeTokenizerConfig
 from videolavit.models.keyframe_unet import KeyframeUNetConfig
-from videolavit.models.latent_space import PixelSpace, VaeLatentSpace
+from videolavit.models.latent_space import PixelSpace, VaeLatentSpace, build_latent_space
 
 REPO = Path(__file__).resolve().parents[1]
 VIEW_IMAGE, TOKENIZER_IMAGE, UNET_IMAGE = 32, 28, 16  # the view's, the ViT's, the U-Net's sizes all differ

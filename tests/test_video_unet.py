@@ -9,12 +9,12 @@ from diffusers import UNetSpatioTemporalConditionModel
 
 from videolavit.metrics.weights import MissingWeightsError
 from videolavit.models.motion_condition_encoder import MotionConditionEncoderConfig
+from videolavit.models.latent_space import build_latent_space
 from videolavit.models.video_detokenizer import (
     UNCONDITIONAL_KEYS,
     VideoDetokenizer,
     VideoDetokenizerConfig,
     VideoDetokenizerSpec,
-    build_latent_space,
     load_video_detokenizer,
     read_video_detokenizer_spec,
     save_video_detokenizer,

@@ -29,9 +29,9 @@ from videolavit.llm.sequences import image_token_ids
 from videolavit.llm.text_tokenizer import load_text_tokenizer
 from videolavit.llm.visual_generation import GeneratedClip, SamplingOptions, generate_clips
 from videolavit.models.export import ExportError, load_export
-from videolavit.models.keyframe_detokenizer import build_latent_space, load_keyframe_detokenizer
+from videolavit.models.keyframe_detokenizer import load_keyframe_detokenizer
 from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
-from videolavit.models.latent_space import images_to_uint8, images_to_unit_range
+from videolavit.models.latent_space import build_latent_space, images_to_uint8, images_to_unit_range
 from videolavit.models.video_detokenizer import load_video_detokenizer, read_video_detokenizer_spec
 
 LLM_DIRECTORIES = ("instruct", "pretrain")

@@ -33,7 +33,6 @@ U-Net was trained in; :func:`build_latent_space` rebuilds it) and ``extra.keyfra
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,7 +56,6 @@ from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
 from videolavit.models.export import ExportError, read_export, save_export
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoder, KeyframeFeatureDecoderConfig
 from videolavit.models.keyframe_unet import KeyframeUNet, KeyframeUNetConfig, time_ids
-from videolavit.models.latent_space import LatentSpace, PixelSpace, VaeLatentSpace
 from videolavit.models.vector_quantizer import Codebook
 
 EXPORT_NAME = "keyframe_detokenizer"
@@ -344,35 +342,6 @@ class KeyframeDetokenizer(nn.Module):
         if tuple(x.shape) != expected:
             raise ValueError(f"latents must be {list(expected)} (image_size {self.config.image_size}, latent "
                              f"down-sampling {self.config.latent_downsample}), got {list(x.shape)}")
-
-
-# ---- latent space records ----------------------------------------------------------------------------
-
-def latent_space_spec(space: LatentSpace) -> dict:
-    """{"class_path", "init_args"} that rebuild ``space`` (recorded in exports)."""
-    cls = type(space)
-    if hasattr(space, "init_args"):
-        args = dict(space.init_args)
-    elif isinstance(space, PixelSpace):
-        args = {"scale": float(space.scale)}
-    elif isinstance(space, VaeLatentSpace):
-        root = Path(str(space.vae.config._name_or_path)).expanduser().resolve()
-        args = {"path": str(root), "subfolder": "vae" if (root / "vae").is_dir() else None,
-                "temporal_decoder": bool(space.temporal_decoder), "chunk": int(space.chunk),
-                "sample_posterior": bool(space.sample_posterior)}
-    else:
-        raise TypeError(f"cannot record how to rebuild a {cls.__name__}: give it an `init_args` dict attribute")
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
-
-
-def build_latent_space(spec: dict, **overrides) -> LatentSpace:
-    """Rebuild a latent space from :func:`latent_space_spec`'s record; ``overrides`` replace init args
-    (e.g. ``path=`` where the VAE lives elsewhere on this machine)."""
-    module, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, LatentSpace)):
-        raise ExportError(f"{spec['class_path']} is not a LatentSpace")
-    return cls(**{**spec.get("init_args", {}), **overrides}).requires_grad_(False).eval()
 
 
 # ---- exports -----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ variance (the VAE's ``scaling_factor``), which is what the EDM preconditioning's
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ class PixelSpace(LatentSpace):
     def __init__(self, scale: float = 1.0):
         super().__init__()
         self.channels, self.downsample, self.scale = 3, 1, scale
+        self.init_args = {"scale": float(scale)}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images_to_unit_range(images) * self.scale
@@ -73,6 +75,9 @@ class VaeLatentSpace(LatentSpace):
                  chunk: int = 16, sample_posterior: bool = False):
         super().__init__()
         from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
+
+        self.init_args = {"path": str(Path(path).expanduser().resolve()) if path else path, "subfolder": subfolder,
+                          "temporal_decoder": temporal_decoder, "chunk": chunk, "sample_posterior": sample_posterior}
 
         root = require_directory(path, "latent_space.init_args.path", "VAE")
         if subfolder and not (Path(root) / subfolder).is_dir():
@@ -109,3 +114,28 @@ class VaeLatentSpace(LatentSpace):
         step = max(1, self.chunk // num_frames) * num_frames
         out = [self.vae.decode(part, num_frames=num_frames).sample for part in latents.split(step)]
         return torch.cat(out).float().clamp(-1, 1)
+
+
+def latent_space_spec(space: LatentSpace) -> dict:
+    """{"class_path", "init_args"} that rebuild ``space``: what exports record next to a U-Net."""
+    args = getattr(space, "init_args", None)
+    if args is None:
+        raise TypeError(f"cannot record how to rebuild a {type(space).__name__}: give it an `init_args` dict")
+    cls = type(space)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(args)}
+
+
+def build_latent_space(spec: dict, **overrides) -> LatentSpace:
+    """A frozen latent space from ``latent_space_spec``'s record (or a YAML ``class_path``/``init_args`` dict);
+    ``overrides`` replace init args (e.g. ``path=`` where the VAE lives elsewhere on this machine). Only
+    ``LatentSpace`` classes are built."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"a latent space config is {{'class_path': ..., 'init_args': {{...}}}}, got {spec!r}")
+    module, _, name = str(spec["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"latent space class {spec['class_path']!r} cannot be imported: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, LatentSpace)):
+        raise ValueError(f"{spec['class_path']} is not a videolavit LatentSpace")
+    return cls(**{**(spec.get("init_args") or {}), **overrides}).requires_grad_(False).eval()

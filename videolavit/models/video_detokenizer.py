@@ -20,7 +20,6 @@ frame size, clip length and motion grid the model was trained with.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,6 @@ from videolavit.diffusion.guidance import GuidedDenoiser, LinearFrameGuidance, u
 from videolavit.diffusion.samplers import EulerSampler, KarrasSchedule, initial_latents
 from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
 from videolavit.models.export import ExportError, load_export, save_export
-from videolavit.models.latent_space import LatentSpace
 from videolavit.models.motion_condition_encoder import MotionConditionEncoder, MotionConditionEncoderConfig
 from videolavit.models.video_unet import VideoUNet, VideoUNetConfig
 
@@ -231,22 +229,6 @@ class VideoDetokenizerSpec:
 
     def __post_init__(self):
         self.frame_size, self.motion_grid = tuple(self.frame_size), tuple(self.motion_grid)
-
-
-def build_latent_space(config: dict) -> LatentSpace:
-    """{"class_path", "init_args"} -> a frozen ``LatentSpace`` (only LatentSpace classes are built)."""
-    if not isinstance(config, dict) or "class_path" not in config:
-        raise ValueError(f"a latent space config is {{'class_path': ..., 'init_args': {{...}}}}, got {config!r}")
-    module, _, name = str(config["class_path"]).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"latent space class {config['class_path']!r} cannot be imported: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, LatentSpace)):
-        raise ValueError(f"{config['class_path']} is not a videolavit LatentSpace")
-    space = cls(**(config.get("init_args") or {}))
-    space.requires_grad_(False).eval()
-    return space
 
 
 def save_video_detokenizer(model: VideoDetokenizer, directory: str | Path, spec: VideoDetokenizerSpec) -> Path:
