@@ -64,6 +64,7 @@ once, in shard order, each text line of ``val_text_corpus`` once.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import zlib
@@ -83,6 +84,7 @@ from videolavit.llm.sequences import (
     SourceMixer,
     TokenSequence,
     collate_packed_rows,
+    image_token_ids,
     multimodal_pair,
     pack_documents,
     text_document,
@@ -347,7 +349,12 @@ class PretrainSequenceView(VideoTokenView):
     Args (besides ``VideoTokenView``'s: tokenizer, vocabulary, seq_len, code sources, open_rows, cache, clips):
         text_corpus: local text file of text-only training documents, one per line (None: none).
         val_text_corpus: same for validation (None: validation has video-text pairs only).
-        weights: mixing weights per source, ``video_text`` and ``text``, in documents.
+        image_text: local JSONL of image-text pairs, one ``{"image": path, "caption": str}`` per line (paths
+            relative to the file's directory; e.g. CC3M/LAION fetched beforehand): each becomes
+            ``[IMG] keyframe codes [/IMG]`` + caption in either order, like a one-keyframe video. Needs a
+            keyframe tokenizer export (``keyframe_tokenizer_export``). Unreadable images are counted skips.
+        val_image_text: same for validation.
+        weights: mixing weights per source, ``video_text``, ``image_text`` and ``text``, in documents.
         visual_first_prob: probability of the ``[video, caption]`` order (else ``[caption, video]``).
         supervise: ``"all"`` (every token of a pair is a target; paper) or ``"target"`` (second segment only).
         text_shuffle_buffer: text lines held for shuffling in training.
@@ -360,6 +367,7 @@ class PretrainSequenceView(VideoTokenView):
                  token_dump: str | None = None, keyframe_source: KeyframeSource = "tokenizer",
                  keyframe_tokenizer_export: str | None = None, keyframe_backbone_weights: str | None = None,
                  text_corpus: str | None = None, val_text_corpus: str | None = None,
+                 image_text: str | None = None, val_image_text: str | None = None,
                  weights: dict[str, float] | None = None, visual_first_prob: float = 0.5,
                  supervise: Literal["all", "target"] = "all", open_rows: int = 4, text_shuffle_buffer: int = 1000,
                  tokenizer_device: str = "cpu", cache_videos: int = 0, clip_frames: int = CLIP_FRAMES,
@@ -371,13 +379,16 @@ class PretrainSequenceView(VideoTokenView):
                          tokenizer_device=tokenizer_device, cache_videos=cache_videos, clip_frames=clip_frames,
                          max_clips=max_clips, clips_per_video=clips_per_video)
         self.text_corpus, self.val_text_corpus = text_corpus, val_text_corpus
+        self.image_text, self.val_image_text = image_text, val_image_text
         self.weights = dict(weights) if weights is not None else {"video_text": 1.0, "text": 1.0}
         self.visual_first_prob, self.supervise = float(visual_first_prob), supervise
         self.text_shuffle_buffer = int(text_shuffle_buffer)
-        unknown = set(self.weights) - {"video_text", "text"}
+        unknown = set(self.weights) - {"video_text", "image_text", "text"}
         if unknown or any(w < 0 for w in self.weights.values()):
-            raise ValueError(f"weights name the sources 'video_text' and 'text' with non-negative values, "
-                             f"got {self.weights}")
+            raise ValueError(f"weights name the sources 'video_text', 'image_text' and 'text' with non-negative "
+                             f"values, got {self.weights}")
+        if self.weights.get("image_text", 0.0) > 0 and image_text is not None and keyframe_tokenizer_export is None:
+            raise ValueError("image_text pairs need keyframe_tokenizer_export (images are tokenised on the fly)")
         if not 0.0 <= self.visual_first_prob <= 1.0:
             raise ValueError("visual_first_prob must lie in [0, 1]")
         if supervise not in ("all", "target"):
@@ -455,13 +466,55 @@ class PretrainSequenceView(VideoTokenView):
             return endless()
         return (document(line) for line in read_text_lines(path, slot, slots))
 
+    def image_text_documents(self, train: bool, rng: random.Random) -> Iterator[TokenSequence] | None:
+        """Image-text pair documents of this reader's share of the JSONL: endless and reshuffled every pass in
+        training, one pass in file order for validation; None without a file."""
+        path = self.image_text if train else self.val_image_text
+        if path is None or self.weights.get("image_text", 0.0) <= 0:
+            return None
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image-text file {path} does not exist")
+        from datamodules.instruct_views import load_image
+
+        root = Path(path).parent
+        slot, slots = _reader_slot()
+        lines = list(read_text_lines(path, slot, slots)) or list(read_text_lines(path))
+
+        def document(line: str) -> TokenSequence | None:
+            try:
+                record = json.loads(line)
+                image, caption = root / record["image"], str(record["caption"])
+            except (ValueError, KeyError, TypeError) as exc:
+                SKIPS.record(line[:80], "bad_image_text_record", f"{type(exc).__name__}: {exc}")
+                return None
+            try:
+                pixels = load_image(image, self.keyframe_image_size())
+            except errors.VideoSkip as skip:
+                SKIPS.record(str(image), skip.reason, skip.detail)
+                return None
+            codes = self.image_codes(pixels[None])[0]
+            order_rng = rng if train else random.Random(zlib.crc32(str(image).encode("utf-8")))
+            return self.pair_document(image_token_ids(codes, self.vocabulary), caption,
+                                      order_rng.random() < self.visual_first_prob)
+
+        def passes() -> Iterator[str]:
+            while True:
+                order = list(lines)
+                rng.shuffle(order)
+                yield from order
+
+        return (doc for doc in map(document, passes() if train else lines) if doc is not None)
+
     def documents(self, samples: Iterable[dict], train: bool, rng: random.Random) -> Iterator[TokenSequence]:
-        """The mixed document stream (video-text pairs and text-only documents)."""
+        """The mixed document stream (video-text pairs, image-text pairs and text-only documents)."""
         sources: dict[str, Iterable] = {}
         weights: dict[str, float] = {}
         if self.weights.get("video_text", 0.0) > 0:
             sources["video_text"] = self.video_documents(samples, train, rng)
             weights["video_text"] = self.weights["video_text"]
+        images = self.image_text_documents(train, rng)
+        if images is not None:
+            sources["image_text"], weights["image_text"] = images, self.weights["image_text"]
         text = self.text_documents(train, rng)
         if text is not None:
             sources["text"], weights["text"] = text, self.weights["text"]

@@ -316,3 +316,35 @@ def test_a_reader_whose_share_of_the_text_corpus_is_empty_draws_from_the_whole_f
     docs = list(view.documents(samples, train=True, rng=random.Random(0)))
     texts = {view.tokenizer.decode(d.input_ids[1:-1]) for d in docs if all(i < TINY.text_size for i in d.input_ids)}
     assert texts == {"the only line"} and len(docs) > 20
+
+
+def test_image_text_pairs_become_one_keyframe_documents_and_bad_images_are_counted(
+        tokenizer_dir, tokenizer_exports, tmp_path):
+    from PIL import Image
+
+    exports, vocab = tokenizer_exports
+    for name, colour in (("red.png", (220, 30, 30)), ("blue.png", (30, 70, 230))):
+        Image.new("RGB", (80, 60), colour).save(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    records = [{"image": "red.png", "caption": "a red card"}, {"image": "broken.png", "caption": "x"},
+               {"image": "blue.png", "caption": "a blue card"}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    view = tokenizer_view(tokenizer_dir, exports, vocab, val_image_text=str(pairs),
+                          weights={"video_text": 0.0, "image_text": 1.0})
+    SKIPS.start_stream()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        docs = list(view.documents([], train=False, rng=random.Random(0)))
+    assert len(docs) == 2 and SKIPS.counts == Counter({"unreadable_image": 1})
+    tok = view.tokenizer
+    for doc, caption in zip(docs, ("a red card", "a blue card")):
+        ids = doc.input_ids
+        assert ids[0] == tok.bos_token_id and ids[1] == vocab.image_start_id  # visual_first_prob=1.0
+        end = ids.index(vocab.image_end_id)
+        assert all(i in vocab.visual_range for i in ids[2:end]) and end > 2
+        assert vocab.motion_start_id not in ids
+        assert ids[end + 1:-1] == tok(caption, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="image_text"):
+        PretrainSequenceView(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, motion_tokenizer_export=str(exports),
+                             keyframe_source="none", image_text=str(pairs), weights={"image_text": 1.0})
