@@ -26,7 +26,7 @@ attention mask (packed documents stay separate, see ``videolavit.llm.sequences``
 next-token cross-entropy over the labels (-100 ignored). Logged: ``train/loss``, per target modality
 ``train/loss_text`` / ``train/loss_keyframe`` / ``train/loss_motion`` / ``train/loss_special`` (the four block
 markers), ``train/padding_fraction``, ``train/tokens_per_s`` (all ranks, padding included, wall time
-between consecutive batches); on validation the token-weighted ``val/loss`` and ``val/loss_<modality>``
+between consecutive batches), ``train/model_tflops_per_s`` and, on GPUs, ``train/mfu`` (``videolavit.llm.flops``); on validation the token-weighted ``val/loss`` and ``val/loss_<modality>``
 summed over all ranks.
 
 **Scale.** With Lightning's ``ModelParallelStrategy`` (it sets ``self.device_mesh``) ``configure_model``
@@ -60,6 +60,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stages.base import OptimizerConfig, StageModule
+from videolavit.llm.flops import model_flops_utilisation, training_flops_per_token
 from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer
 from videolavit.llm.vocabulary import Modality, Vocabulary
@@ -360,8 +361,26 @@ class PretrainStage(StageModule):
         now = time.perf_counter()
         elapsed, self._clock = now - self._clock, now
         world = self.trainer.world_size if self._trainer is not None else 1
-        self.log("train/tokens_per_s", batch["input_ids"].numel() * world / max(elapsed, 1e-9),
-                 batch_size=batch["input_ids"].shape[0])
+        rows, seq_len = batch["input_ids"].shape
+        tokens_per_s = rows * seq_len * world / max(elapsed, 1e-9)
+        flops = training_flops_per_token(self.llm.config, seq_len) * tokens_per_s
+        self.log_dict({"train/tokens_per_s": tokens_per_s, "train/model_tflops_per_s": flops / 1e12},
+                      batch_size=rows)
+        mfu = model_flops_utilisation(tokens_per_s, training_flops_per_token(self.llm.config, seq_len),
+                                      self._peak_flops(world))
+        if mfu is not None:
+            self.log("train/mfu", mfu, batch_size=rows)
+
+    def _peak_flops(self, world: int) -> float | None:
+        """All devices' peak FLOP/s for the training precision (Lightning's table; None on CPU)."""
+        if self.device.type != "cuda":
+            return None
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        precision = str(self.trainer.precision) if self._trainer is not None else "32"
+        dtype = torch.bfloat16 if "bf16" in precision or self.fsdp_param_dtype == "bfloat16" else torch.float32
+        per_device = get_available_flops(self.device, dtype)
+        return per_device * world if per_device else None
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros_like(self._val_sums)

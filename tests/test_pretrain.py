@@ -298,8 +298,8 @@ def test_tiny_fit_through_the_cli_logs_per_modality_losses_exports_and_resumes(p
         assert main(["fit", "--config", config]) == 0
     logged = scalars(tmp_path / "logs")
     expected = {"train/loss", "train/loss_text", "train/loss_keyframe", "train/loss_motion", "train/loss_special",
-                "train/tokens_per_s", "train/padding_fraction", "val/loss", "val/loss_text", "val/loss_keyframe",
-                "val/loss_motion"}
+                "train/tokens_per_s", "train/model_tflops_per_s", "train/padding_fraction", "val/loss", "val/loss_text",
+                "val/loss_keyframe", "val/loss_motion"}
     assert expected <= set(logged), sorted(logged)
     assert sorted(step for step, _ in logged["val/loss"]) == [1, 3]
     assert all(0 < value < 10 for _, value in logged["train/loss"])
