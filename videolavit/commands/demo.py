@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HELP = "run the whole chain on the synthetic corpus (CPU, ~15 min) and write a report with learning checks"
+HELP = "run the whole chain on the synthetic corpus (CPU, ~25-30 min on 2 cores) and write a report with learning checks"
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = Path("runs/tiny")  # relative to the work directory, as in the tiny configs
