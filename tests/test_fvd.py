@@ -145,7 +145,7 @@ def test_fvd_with_i3d_of_videos_with_themselves_is_zero(i3d_file):
     same = float(fvd.compute())
     spread = float(fvd.real_statistics().sigma.trace())  # the scale FVD values live on here
     assert spread > 0
-    assert abs(same) <= 1e-6 * spread
+    assert abs(same) <= 1e-5 * spread  # sqrtm round-off; a real difference is of order spread
 
 
 def test_fvd_matches_reference_on_detector_features(tmp_path):
