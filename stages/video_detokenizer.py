@@ -7,14 +7,16 @@ Frozen and never checkpointed: the latent space (a VAE from a local directory, o
 tokenizer from ``init_from`` (the stage-1a export directory). By default the U-Net is conditioned on the
 tokenizer's reconstruction of each clip's motion, ``decode(encode(motion))``, which is what it gets at
 inference when the motion tokens come from the LLM; ``motion_source: raw`` conditions on the extracted
-field itself. A resumed run (``--ckpt_path``, no ``init_from``) reloads the tokenizer from the directory
-recorded in the checkpoint.
+field itself (at the view's scale: set ``detokenizer.motion_gain`` to match). A resumed run
+(``--ckpt_path``, no ``init_from``) reloads the tokenizer from the directory recorded in the checkpoint.
 
 Logged: ``train/loss``; ``val/loss`` (fixed per-batch seeds for σ, noise and augmentation, so values are
-comparable across validations); at the end of each validation (rank 0, the first ``direction_clips``
-clips) ``val/direction_agreement`` — the share of reconstructed clips whose measured motion direction
-(``measure_motion``: our MPEG-4 re-encode) is the conditioning field's dominant direction — and
-``val/direction_agreement_input``, the same measure on the real frames (its ceiling).
+comparable across validations) and ``val/loss_other_motion`` (the same, each clip conditioned on another
+clip's motion: it exceeds ``val/loss`` once the U-Net follows the motion); at the end of each validation
+(rank 0, the first ``direction_clips`` clips) ``val/direction_agreement`` — the share of reconstructed
+clips whose measured motion direction (``measure_motion``: our MPEG-4 re-encode) is the conditioning
+field's dominant direction — and ``val/direction_agreement_input``, the same measure on the real frames
+(its ceiling).
 ``sample_videos(batch)`` reconstructs a batch's clips for ``VideoSampleLogger`` / ``VideoGenerationMetrics``.
 """
 
@@ -220,15 +222,18 @@ class VideoDetokenizerStage(StageModule):
         """uint8 [B, T, 3, H, W] -> latents [B, T, C, h, w]."""
         return self.latent_space.encode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
 
-    def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0 = self.encode_frames(batch["frames"])
+    def _latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean clip latents [B, T, C, h, w] and keyframe latents [B, C, h, w] of a batch."""
         with torch.no_grad():
-            keyframe = self.latent_space.encode(batch["keyframe"])
-        cond = self.model.conditioning(keyframe, self.condition_motion(batch["motion"]), generator=generator)
+            return self.encode_frames(batch["frames"]), self.latent_space.encode(batch["keyframe"])
+
+    def _loss(self, x0: torch.Tensor, keyframe: torch.Tensor, motion: torch.Tensor,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        cond = self.model.conditioning(keyframe, self.condition_motion(motion), generator=generator)
         return self.model.loss(x0, cond, generator=generator)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss = self._loss(*self._latents(batch), batch["motion"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
         return loss
 
@@ -237,8 +242,14 @@ class VideoDetokenizerStage(StageModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = batch["frames"].shape[0]
-        loss = self._loss(batch, self._generator(self.val_seed + 1000 * batch_idx))
-        self.log("val/loss", loss, batch_size=size, sync_dist=True)
+        x0, keyframe = self._latents(batch)
+        seed = self.val_seed + 1000 * batch_idx
+        self.log("val/loss", self._loss(x0, keyframe, batch["motion"], self._generator(seed)), batch_size=size,
+                 sync_dist=True)
+        if size > 1:  # the same noise, each clip conditioned on another clip's motion
+            other = batch["motion"].roll(size // 2, dims=0)
+            self.log("val/loss_other_motion", self._loss(x0, keyframe, other, self._generator(seed)),
+                     batch_size=size, sync_dist=True)
         if self.global_rank == 0 and self.direction_clips > 0 and not self.trainer.sanity_checking:
             kept = sum(len(x) for x in self._direction_batch.get("keyframe", []))
             take = min(size, self.direction_clips - kept)

@@ -40,7 +40,7 @@ DETOKENIZER = {
     "motion_encoder": {"height": 8, "width": 8, "dim": 16, "depth": 1, "num_heads": 2, "out_dim": 16},
     "motion_gain": 1.0, "scaling": "edm", "sigma_max": 80.0,
 }
-VAL_SCALARS = {"val/loss", "val/direction_agreement", "val/direction_agreement_input"}
+VAL_SCALARS = {"val/loss", "val/loss_other_motion", "val/direction_agreement", "val/direction_agreement_input"}
 
 
 

@@ -348,3 +348,25 @@ def test_only_latent_spaces_are_built_from_a_config():
         build_latent_space({"class_path": "torch.nn.Linear", "init_args": {"in_features": 1, "out_features": 1}})
     with pytest.raises(ValueError, match="cannot be imported"):
         build_latent_space({"class_path": "videolavit.models.latent_space.NoSuchSpace"})
+
+
+def test_temporal_convolutions_run_as_2d_with_the_same_parameters_and_result():
+    from videolavit.models.video_unet import TemporalConv3d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(6, 5, kernel_size=(3, 1, 1), padding=(1, 0, 0))
+    fast = torch.nn.Conv3d(6, 5, kernel_size=(3, 1, 1), padding=(1, 0, 0))
+    fast.load_state_dict(conv.state_dict())
+    assert TemporalConv3d.applies_to(fast)
+    fast.__class__ = TemporalConv3d
+    x = torch.randn(2, 6, 7, 4, 3, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.testing.assert_close(fast(x2), conv(x), rtol=1e-5, atol=1e-6)
+    conv(x).square().sum().backward()
+    fast(x2).square().sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-5)
+    assert not TemporalConv3d.applies_to(torch.nn.Conv3d(6, 5, kernel_size=3, padding=1))  # spatial kernels stay 3-D
+
+    temporal = [m for m in tiny_unet().modules() if isinstance(m, torch.nn.Conv3d)]
+    assert temporal and all(type(m) is TemporalConv3d for m in temporal)

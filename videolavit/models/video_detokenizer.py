@@ -139,7 +139,8 @@ class VideoDetokenizer(nn.Module):
         if keyframe_latent.dim() != 4 or keyframe_latent.shape[1] != self.latent_channels:
             raise ValueError(f"keyframe_latent must be [batch, {self.latent_channels}, h, w], "
                              f"got {list(keyframe_latent.shape)}")
-        if motion.dim() != 5 or motion.shape[1] != c.unet.motion_channels or motion.shape[0] != keyframe_latent.shape[0]:
+        if (motion.dim() != 5 or motion.shape[1] != c.unet.motion_channels
+                or motion.shape[0] != keyframe_latent.shape[0]):
             raise ValueError(f"motion must be [{keyframe_latent.shape[0]}, {c.unet.motion_channels}, frames, gh, gw], "
                              f"got {list(motion.shape)}")
         batch, _, height, width = keyframe_latent.shape
@@ -164,11 +165,13 @@ class VideoDetokenizer(nn.Module):
         """EDM loss terms for clean latents [b, T, C, h, w]; in training mode a fraction ``uncond_prob`` of
         the samples are trained unconditionally (what guidance needs at inference)."""
         field_ = cond["motion_field"]
-        if x0_latents.dim() != 5 or x0_latents.shape[:2] != field_.shape[:2] or x0_latents.shape[-2:] != field_.shape[-2:]:
+        if (x0_latents.dim() != 5 or x0_latents.shape[:2] != field_.shape[:2]
+                or x0_latents.shape[-2:] != field_.shape[-2:]):
             raise ValueError(f"x0_latents must be [batch, frames, C, h, w] matching the conditioning "
                              f"{list(field_.shape[:2])} x {list(field_.shape[-2:])}, got {list(x0_latents.shape)}")
         if self.training and self.config.uncond_prob > 0:
-            drop = torch.rand(x0_latents.shape[0], generator=generator, device=x0_latents.device) < self.config.uncond_prob
+            draw = torch.rand(x0_latents.shape[0], generator=generator, device=x0_latents.device)
+            drop = draw < self.config.uncond_prob
             cond = {k: torch.where(append_dims(drop, v.ndim), torch.zeros_like(v), v) if k in UNCONDITIONAL_KEYS else v
                     for k, v in cond.items()}
         return self.diffusion_loss.terms(self.denoiser, x0_latents.float(), cond, generator=generator)
@@ -256,5 +259,6 @@ def load_video_detokenizer(directory: str | Path, map_location: str | torch.devi
     spec = read_video_detokenizer_spec(directory)
     model = load_export(directory, EXPORT_NAME, map_location=map_location)
     if not isinstance(model, VideoDetokenizer):
-        raise ExportError(f"export '{EXPORT_NAME}' in {directory} holds a {type(model).__name__}, not a VideoDetokenizer")
+        raise ExportError(f"export '{EXPORT_NAME}' in {directory} holds a {type(model).__name__}, "
+                          "not a VideoDetokenizer")
     return model.eval(), dict(spec.latent_space)
