@@ -1,16 +1,20 @@
 """The embedded default end to end (CI smoke): every stage's tiny config through `fit --config`, each export
-loading into the next stage, then held-out QA and text-to-video from the final exports."""
+loading into the next stage, then held-out QA and text-to-video from the final exports; and the scheduler that
+runs those jobs on parallel lanes."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from videolavit.commands.demo import STAGES, _passes
+from videolavit.commands.demo import EXPORTS, NEEDS, STAGES, _passes, _select
+from videolavit.commands.demo_schedule import GraphError, Job, JobFailed, check_graph, run_jobs
 from videolavit.video.frames import decode_all_frames
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def smoke_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("demo")
     done = subprocess.run([sys.executable, "-m", "videolavit", "demo", "--smoke", "--workdir", str(workdir),
-                           "--workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--workers", "1", "--jobs", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return workdir / "runs" / "tiny"
 
@@ -36,6 +40,25 @@ def test_every_stage_runs_and_hands_its_export_to_the_next(smoke_run):
     assert report["stages"]["pretrain"]["check"]["baseline"] > 0  # validated before training
     assert (smoke_run / "exports" / "instruct" / "config.json").is_file()
     assert "smoke: not checked" in (smoke_run / "report.md").read_text()
+
+
+def test_the_smoke_run_kept_to_the_graph_and_its_lanes(smoke_run):
+    report = json.loads((smoke_run / "report.json").read_text())
+    jobs = report["jobs"]
+    assert report["lanes"] == 2 and set(jobs) == set(NEEDS)
+    end = {name: j["started_minute"] + j["minutes"] for name, j in jobs.items()}
+    for name, needs in NEEDS.items():
+        for need in needs:  # report times are rounded to 0.01 min
+            assert jobs[name]["started_minute"] >= end[need] - 0.011, (name, need)
+    most_alongside = 0
+    for name, j in jobs.items():
+        assert j["lane"] in (1, 2)
+        alongside = [other for other, k in jobs.items()
+                     if other != name and k["started_minute"] <= j["started_minute"] < end[other] - 0.011]
+        assert len(alongside) <= 1, (name, alongside)
+        most_alongside = max(most_alongside, len(alongside))
+    assert most_alongside == 1  # the two tokenizers (at least) trained side by side
+    assert "| job | lane | started (min) | minutes |" in (smoke_run / "report.md").read_text()
 
 
 def test_held_out_answers_and_generated_videos_are_well_formed(smoke_run):
@@ -55,3 +78,102 @@ def test_pass_rules():
     assert _passes("<= 0.30", 0.2, None) and not _passes("<= 0.30", 0.4, None)
     assert _passes("< 0.5 * baseline", 3.0, 7.0) and not _passes("< 0.5 * baseline", 4.0, 7.0)
     assert not _passes("< 0.5 * baseline", 3.0, None) and not _passes(">= 0.5", None, None)
+
+
+class Recorder:
+    """Fake jobs that sleep, recording when each ran and how many ran at once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.spans: dict[str, tuple[float, float]] = {}
+        self.order: list[str] = []
+        self.running = self.most_running = 0
+
+    def job(self, name: str, needs: tuple[str, ...] = (), seconds: float = 0.05, error: BaseException | None = None):
+        def action():
+            with self.lock:
+                self.order.append(name)
+                self.running += 1
+                self.most_running = max(self.most_running, self.running)
+            start = time.monotonic()
+            time.sleep(seconds)
+            with self.lock:
+                self.running -= 1
+                self.spans[name] = (start, time.monotonic())
+            if error is not None:
+                raise error
+            return f"result of {name}"
+
+        return Job(name, action, needs)
+
+
+def _diamond(rec: Recorder) -> list[Job]:
+    return [rec.job("a"), rec.job("b", ("a",)), rec.job("c", ("a",)), rec.job("d", ("b",)), rec.job("e", ("c",)),
+            rec.job("f", ("d", "e")), rec.job("g", seconds=0.2)]
+
+
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_jobs_start_after_what_they_need_with_at_most_lanes_at_once(lanes):
+    rec = Recorder()
+    jobs = _diamond(rec)
+    outcomes = run_jobs(jobs, lanes)
+    assert set(outcomes) == {j.name for j in jobs} and all(o.result == f"result of {o.name}" for o in outcomes.values())
+    for job in jobs:
+        for need in job.needs:
+            assert rec.spans[job.name][0] >= rec.spans[need][1], (job.name, need)
+    assert rec.most_running == lanes  # parallel, but never more than the lanes
+    assert all(1 <= o.lane <= lanes for o in outcomes.values())
+
+
+def test_one_lane_runs_the_jobs_in_listed_order():
+    rec = Recorder()
+    jobs = _diamond(rec)
+    run_jobs(jobs, 1)
+    assert rec.order == [j.name for j in jobs] and rec.most_running == 1
+    # So `demo --jobs 1` runs the chain in the order it is listed: data, the stages, then the evaluations.
+    order: list[str] = []
+    run_jobs([Job(name, lambda name=name: order.append(name), needs) for name, needs in NEEDS.items()], 1)
+    assert order == list(NEEDS) and [n for n in order if n in {s.name for s in STAGES}] == [s.name for s in STAGES]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("exit 1"), SystemExit("exit 1")])
+def test_a_failure_starts_nothing_new_waits_for_running_jobs_and_names_the_job(error):
+    rec = Recorder()
+    ended: list[str] = []
+    jobs = [rec.job("slow", seconds=0.3), rec.job("bad", error=error), rec.job("after_bad", ("bad",)),
+            rec.job("later"), rec.job("after_slow", ("slow",))]
+    with pytest.raises(JobFailed) as failed:
+        run_jobs(jobs, 2, on_end=lambda o: ended.append(o.name))
+    assert failed.value.name == "bad" and "bad" in str(failed.value) and failed.value.error is error
+    assert rec.order == ["slow", "bad"]  # a lane was free for "later", but nothing starts after a failure
+    assert set(ended) == {"slow", "bad"} and failed.value.outcomes["slow"].result == "result of slow"
+
+
+def test_bad_graphs_are_named():
+    def noop():
+        return None
+
+    with pytest.raises(GraphError, match="'b' needs unknown jobs \\['z'\\]"):
+        check_graph([Job("a", noop), Job("b", noop, ("z",))])
+    with pytest.raises(GraphError, match="cycle among \\['b', 'c'\\]"):
+        check_graph([Job("a", noop), Job("b", noop, ("a", "c")), Job("c", noop, ("b",))])
+    with pytest.raises(GraphError, match="duplicate"):
+        check_graph([Job("a", noop), Job("a", noop)])
+    with pytest.raises(ValueError, match="lanes"):
+        run_jobs([Job("a", noop)], 0)
+
+
+def test_from_stage_reruns_that_job_and_everything_downstream(tmp_path):
+    graph = [Job(name, lambda: None, needs) for name, needs in NEEDS.items()]
+    with pytest.raises(SystemExit, match="do not exist.*keyframe_tokenizer.safetensors"):
+        _select(graph, "keyframe_detokenizer", tmp_path)
+    for stage in STAGES:
+        (tmp_path / EXPORTS / stage.export).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / EXPORTS / stage.export).touch()
+    assert _select(graph, "keyframe_detokenizer", tmp_path) == {"data", "keyframe_detokenizer", "text_to_video"}
+    assert _select(graph, "pretrain", tmp_path) == {"data", "pretrain", "instruct", "question_answering",
+                                                    "text_to_video"}
+    assert _select(graph, "evaluation", tmp_path) == {"data", "question_answering", "text_to_video"}
+    assert _select(graph, None, tmp_path) == set(NEEDS)
+    with pytest.raises(SystemExit, match="unknown --from-stage 'nope'"):
+        _select(graph, "nope", tmp_path)

@@ -1,20 +1,25 @@
 """``python -m videolavit demo``: the whole Video-LaVIT chain on the embedded synthetic corpus, on a laptop CPU.
 
 1. synthesise the moving-shapes corpus (training seed 0, held-out seed 1) and ``prepare`` shards;
-2. run every stage's tiny config in order through ``python -m videolavit fit --config experiments/tiny/...``
-   (the path users run), each stage reading the exports of the ones before it from ``runs/tiny/exports``:
-   motion tokenizer, keyframe tokenizer, keyframe detokenizer, video detokenizer, pre-training (validated
-   once before training too: the caption-loss baseline), instruction tuning;
+2. run every stage's tiny config through ``python -m videolavit fit --config experiments/tiny/...`` (the path
+   users run), each stage reading the exports of the ones it needs from ``runs/tiny/exports``: motion
+   tokenizer, keyframe tokenizer, keyframe detokenizer, video detokenizer, pre-training (validated once before
+   training too: the caption-loss baseline), instruction tuning;
 3. answer the held-out questions with ``chat --qa-file`` and generate one video per held-out caption with
    ``generate --prompts-file``, measuring the direction of motion in each generated mp4 with our own
    decomposition;
 4. write ``report.json`` + ``report.md``: every stage's final metrics and the learning checks against their
-   baselines (zero motion, the untrained model, chance).
+   baselines (zero motion, the untrained model, chance), and when each job ran on which lane.
+
+Steps 1-3 are jobs of a dependency graph (``NEEDS``) run on ``--jobs`` lanes (default 2): each job is one
+single-threaded process at a time, so on 2 cores two independent stages (the two tokenizers; a detokenizer next
+to pre-training) train side by side. ``--jobs 1`` runs them one after another in the listed order.
+``--from-stage X`` reruns X and every job downstream of it; the other stages' exports must already exist.
 
 Everything is written under ``WORKDIR/runs/tiny`` (``--workdir``, default the current directory; the tiny
-configs use paths relative to it). ``--smoke`` runs a seconds-scale version (8 + 4 videos, a few steps per
-stage) for CI: it checks that every export loads into the next stage and that the outputs are well formed,
-not that anything learned.
+configs use paths relative to it; one log per command under ``runs/tiny/logs``). ``--smoke`` runs a
+seconds-scale version (8 + 4 videos, a few steps per stage) for CI: it checks that every export loads into the
+next stage and that the outputs are well formed, not that anything learned.
 """
 
 from __future__ import annotations
@@ -25,10 +30,15 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-HELP = "run the whole chain on the synthetic corpus (CPU, ~25-30 min on 2 cores) and write a report with learning checks"
+from videolavit.commands.demo_schedule import Job, JobFailed, Outcome, downstream, run_jobs, upstream
+
+HELP = ("run the whole chain on the synthetic corpus (CPU, ~15 min on 2 cores with independent stages on 2 lanes) "
+        "and write a report with learning checks")
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = Path("runs/tiny")  # relative to the work directory, as in the tiny configs
@@ -73,14 +83,40 @@ STAGES = [
     Stage("instruct", "instruct", smoke=["--data.init_args.batch_size", "2", "--model.init_args.qa_eval_questions", "4"]),
 ]
 
+# The job graph: what each job reads (shards, or exports in runs/tiny/exports) comes from the jobs it needs.
+# Ready jobs start in this order, so one lane runs them in exactly this order.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "motion_tokenizer": ("data",),
+    "keyframe_tokenizer": ("data",),
+    "keyframe_detokenizer": ("keyframe_tokenizer",),  # init_from: the keyframe tokenizer + feature decoder
+    "video_detokenizer": ("motion_tokenizer",),  # init_from: the motion tokenizer (motion_source: tokenizer)
+    # The view tokenises clips with both frozen tokenizers; the text tokenizer is built from shards_train by
+    # the job itself (its validate-before-training run), so nothing else writes it.
+    "pretrain": ("motion_tokenizer", "keyframe_tokenizer"),
+    "instruct": ("pretrain",),  # init_from / tokenizer: the pretrain export (+ the tokenizers, via pretrain)
+    "question_answering": ("instruct",),  # chat: instruct + both tokenizers
+    "text_to_video": ("instruct", "keyframe_detokenizer", "video_detokenizer"),  # generate: every export
+}
+EVALUATION = ("question_answering", "text_to_video")  # --from-stage evaluation: both
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=".", help="where runs/tiny is written (default: current directory)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps per stage (CI)")
     parser.add_argument("--train-videos", type=int, default=64)
     parser.add_argument("--val-videos", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--from-stage", default=None, help="skip the stages before this one (their exports must exist)")
+    parser.add_argument("--workers", type=int, default=2, help="processes of the data job's synth and prepare")
+    parser.add_argument("--from-stage", default=None,
+                        help="rerun this job and every job downstream of it, reusing the other stages' exports "
+                             f"(which must exist); one of {list(NEEDS) + ['evaluation']}")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="lanes: how many independent jobs run at once (default: min(2, CPU cores); "
+                             "1 = one after another)")
+
+
+class DemoError(RuntimeError):
+    """A demo step failed; the message says which command and shows its log's tail."""
 
 
 class Runner:
@@ -90,7 +126,8 @@ class Runner:
         self.workdir = workdir
         self.logs = workdir / TINY / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        # One intra-op thread per process: the tiny ops are small and the data workers need the other core.
+        # One intra-op thread per process: the tiny ops are small, and the other core runs the data workers and
+        # the job on the other lane.
         self.env = {**os.environ, "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
@@ -103,7 +140,7 @@ class Runner:
             done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env)
         if done.returncode != 0:
             tail = "\n".join(log.read_text().splitlines()[-30:])
-            raise SystemExit(f"demo: `{name}` failed (exit {done.returncode}); log {log}:\n{tail}")
+            raise DemoError(f"`{name}` failed (exit {done.returncode}); log {log}:\n{tail}")
         return time.time() - start
 
 
@@ -175,7 +212,7 @@ def _run_stage(run: Runner, stage: Stage, smoke: bool) -> dict:
         result["check"] = {"what": stage.check, "metric": stage.metric, "value": value, "rule": stage.passes,
                            "baseline": baseline, "passed": None if smoke else _passes(stage.passes, value, baseline)}
     if not result["export_exists"]:
-        raise SystemExit(f"demo: {stage.name} finished but wrote no export at {export}")
+        raise DemoError(f"{stage.name} finished but wrote no export at {export}")
     return result
 
 
@@ -186,7 +223,7 @@ def _question_answering(run: Runner, smoke: bool) -> dict:
                   "--qa-file", str(corpus / "qa.json"), "--videos", str(corpus / "videos"), "--out", str(out))
     records = [json.loads(line) for line in (run.workdir / out).read_text().splitlines() if line.strip()]
     if not records or not all({"question", "answer", "pred"} <= set(r) for r in records):
-        raise SystemExit(f"demo: {out} is not well formed")
+        raise DemoError(f"{out} is not well formed")
     by_attribute: dict[str, list[bool]] = {}
     for r in records:
         correct = r["pred"].strip().lower().strip(".!") == r["answer"].strip().lower()
@@ -226,7 +263,9 @@ def _verdict(passed: bool | None) -> str:
 
 
 def _markdown(report: dict) -> str:
-    lines = [f"# videolavit demo ({report['mode']}) — {report['minutes']} min", "",
+    lanes = report["lanes"]
+    lines = [f"# videolavit demo ({report['mode']}) — {report['minutes']} min on {lanes} lane{'s' * (lanes > 1)}",
+             "",
              "| stage | learning check | value | pass rule | result | minutes |", "|---|---|---|---|---|---|"]
     for name, r in report["stages"].items():
         check = r.get("check")
@@ -247,37 +286,109 @@ def _markdown(report: dict) -> str:
     if t2v:
         lines += ["", f"Text-to-video on {t2v['videos']} held-out prompts ({t2v['minutes']} min): direction agreement "
                       f"{t2v['direction_agreement']:.3f} (chance {t2v['chance']}; goal > 0.5: {_verdict(t2v['passed'])})."]
+    skipped = f"; not rerun (--from-stage): {', '.join(report['skipped'])}" if report["skipped"] else ""
+    lines += ["", f"Jobs ({report['job_minutes']} min of job time in {report['minutes']} min wall clock{skipped}):", "",
+              "| job | lane | started (min) | minutes |", "|---|---|---|---|"]
+    lines += [f"| {name} | {j['lane']} | {j['started_minute']} | {j['minutes']} |"
+              for name, j in report["jobs"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _select(jobs: list[Job], from_stage: str | None, workdir: Path) -> set[str]:
+    """The jobs to run: all, or (``--from-stage``) data plus the named job and everything downstream of it."""
+    names = [job.name for job in jobs]
+    if from_stage is None:
+        return set(names)
+    if from_stage not in names + ["evaluation"]:
+        raise SystemExit(f"demo: unknown --from-stage {from_stage!r}; one of {names + ['evaluation']}")
+    selected = downstream(jobs, EVALUATION if from_stage == "evaluation" else [from_stage]) | {"data"}
+    reused = [s for s in STAGES if s.name in upstream(jobs, selected) - selected]
+    missing = [str(EXPORTS / s.export) for s in reused if not (workdir / EXPORTS / s.export).exists()]
+    if missing:
+        raise SystemExit(f"demo: --from-stage {from_stage} reuses exports that do not exist: {missing}; "
+                         "start from an earlier stage")
+    return selected
+
+
+def _summary(name: str, result) -> str:
+    """One line of a finished job's learning check for the progress log."""
+    if name == "question_answering":
+        accuracy = ", ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items())
+        return f"; accuracy {accuracy} (goal >= 0.8 each: {_verdict(result['passed'])})"
+    if name == "text_to_video":
+        return f"; direction agreement {result['direction_agreement']:.3f} (goal > 0.5: {_verdict(result['passed'])})"
+    check = result.get("check") if isinstance(result, dict) else None
+    if not check:
+        return ""
+    value = "n/a" if check["value"] is None else f"{check['value']:.4f}"
+    against = "" if check["baseline"] is None else f", baseline {check['baseline']:.4f}"
+    return f"; {check['metric']} = {value} ({check['rule']}{against}: {_verdict(check['passed'])})"
+
+
+def _failure(outcome: Outcome) -> str:
+    error = outcome.error
+    if isinstance(error, DemoError):
+        return str(error)
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
+    if args.jobs < 1:
+        raise SystemExit(f"demo: --jobs must be >= 1, got {args.jobs}")
     workdir = Path(args.workdir).resolve()
     runner = Runner(workdir)
-    report = {"mode": "smoke" if args.smoke else "full", "workdir": str(workdir), "stages": {}}
-    report["data_seconds"] = _prepare_data(runner, args)
-    names = [s.name for s in STAGES]
-    if args.from_stage is not None and args.from_stage not in names + ["evaluation"]:
-        raise SystemExit(f"demo: unknown --from-stage {args.from_stage!r}; stages: {names + ['evaluation']}")
-    skip = names.index(args.from_stage) if args.from_stage in names else (len(names) if args.from_stage else 0)
-    for index, stage in enumerate(STAGES):
-        if index < skip:
-            continue
-        print(f"[{index + 1}/{len(STAGES)} {stage.name}] fit --config {stage.config.relative_to(REPO)}", flush=True)
-        result = _run_stage(runner, stage, args.smoke)
-        report["stages"][stage.name] = result
-        check = result.get("check")
-        if check:
-            against = "" if check["baseline"] is None else f", baseline {check['baseline']:.4f}"
-            print(f"[{stage.name}] {check['metric']} = {check['value']} ({check['rule']}{against}: "
-                  f"{_verdict(check['passed'])}) in {result['minutes']} min", flush=True)
-    print("[evaluation] held-out question answering and text-to-video", flush=True)
-    report["question_answering"] = _question_answering(runner, args.smoke)
-    report["text_to_video"] = _text_to_video(runner, args.smoke)
-    report["minutes"] = round((time.time() - started) / 60, 2)
+    # Each stage keeps its config's DataLoader workers on any number of lanes: 0 or 1 instead of 2 measured no
+    # faster with two stages side by side on 2 cores (the same work, just in fewer processes).
+    actions = {"data": partial(_prepare_data, runner, args),
+               **{s.name: partial(_run_stage, runner, s, args.smoke) for s in STAGES},
+               "question_answering": partial(_question_answering, runner, args.smoke),
+               "text_to_video": partial(_text_to_video, runner, args.smoke)}
+    graph = [Job(name, actions[name], needs) for name, needs in NEEDS.items()]
+    selected = _select(graph, args.from_stage, workdir)
+    # A skipped job's export is already there: what needs it can start at once.
+    jobs = [Job(j.name, j.action, tuple(n for n in j.needs if n in selected)) for j in graph if j.name in selected]
+    skipped = [name for name in NEEDS if name not in selected]
+    configs = {s.name: f": fit --config {s.config.relative_to(REPO)}" for s in STAGES}
+
+    def clock() -> str:
+        return f"[{(time.time() - started) / 60:5.1f} min]"
+
+    def on_start(o: Outcome) -> None:
+        print(f"{clock()} start {o.name} on lane {o.lane}{configs.get(o.name, '')}", flush=True)
+
+    def on_end(o: Outcome) -> None:
+        if o.error is not None:
+            print(f"{clock()} FAILED {o.name} after {o.seconds / 60:.1f} min; starting no new jobs", flush=True)
+        else:
+            print(f"{clock()} done {o.name} in {o.seconds / 60:.1f} min{_summary(o.name, o.result)}", flush=True)
+
+    print(f"demo: {len(jobs)} jobs on {args.jobs} lane{'s' * (args.jobs > 1)}"
+          + (f", not rerunning {', '.join(skipped)}" if skipped else "") + f"; logs in {runner.logs}", flush=True)
+    try:
+        outcomes = run_jobs(jobs, args.jobs, on_start, on_end)
+    except JobFailed as failed:
+        raise SystemExit(f"demo: job `{failed.name}` failed after {(time.time() - started) / 60:.1f} min "
+                         f"(the jobs running beside it finished first): {_failure(failed.outcomes[failed.name])}")
+    results = {name: o.result for name, o in outcomes.items()}
+    report = {"mode": "smoke" if args.smoke else "full", "workdir": str(workdir), "lanes": args.jobs,
+              "skipped": skipped,
+              "stages": {s.name: results[s.name] for s in STAGES if s.name in results},
+              "data_seconds": results["data"]}
+    for name in EVALUATION:
+        if name in results:
+            report[name] = results[name]
+    # When each job started (minutes after the first one) on which lane, and how long it took; in start order.
+    report["jobs"] = {o.name: {"lane": o.lane, "started_minute": round(o.start / 60, 2),
+                               "minutes": round(o.seconds / 60, 2)}
+                      for o in sorted(outcomes.values(), key=lambda o: o.start)}
+    report["job_minutes"] = round(sum(o.seconds for o in outcomes.values()) / 60, 2)
+    report["minutes"] = round((time.time() - started) / 60, 2)  # wall clock, setup and report included
     (workdir / TINY / "report.json").write_text(json.dumps(report, indent=2))
     markdown = _markdown(report)
     (workdir / TINY / "report.md").write_text(markdown)
     print(markdown)
+    print(f"{clock()} all {len(jobs)} jobs done on {args.jobs} lane{'s' * (args.jobs > 1)}: "
+          f"{report['minutes']} min wall clock, {report['job_minutes']} min of job time")
     print(f"report: {workdir / TINY / 'report.json'}, {workdir / TINY / 'report.md'}")
     return 0
