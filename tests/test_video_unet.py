@@ -370,3 +370,20 @@ def test_temporal_convolutions_run_as_2d_with_the_same_parameters_and_result():
 
     temporal = [m for m in tiny_unet().modules() if isinstance(m, torch.nn.Conv3d)]
     assert temporal and all(type(m) is TemporalConv3d for m in temporal)
+
+
+def test_keyframe_residual_diffuses_the_clip_minus_its_keyframe():
+    x0, keyframe, motion = detokenizer_batch()
+    plain, residual = tiny_detokenizer(uncond_prob=0.0), tiny_detokenizer(uncond_prob=0.0, keyframe_residual=True)
+    residual.load_state_dict(plain.state_dict())
+    cond = residual.conditioning(keyframe, motion, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cond["residual_base"], keyframe)  # the clean keyframe, not the noise-augmented one
+    plain_cond = {k: v for k, v in cond.items() if k != "residual_base"}
+    got = residual.loss(x0, cond, generator=torch.Generator().manual_seed(1))
+    want = plain.loss(x0 - keyframe[:, None], plain_cond, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, want)
+
+    # sampling: the same trajectory as the plain model, shifted by the keyframe
+    out = residual.sample(cond, 3, num_steps=4, guidance=(1.0, 2.0), generator=torch.Generator().manual_seed(2))
+    shifted = plain.sample(plain_cond, 3, num_steps=4, guidance=(1.0, 2.0), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out, shifted + keyframe[:, None])

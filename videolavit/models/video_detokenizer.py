@@ -42,6 +42,7 @@ from videolavit.models.video_unet import VideoUNet, VideoUNetConfig
 EXPORT_NAME = "video_detokenizer"
 # what the release's classifier-free guidance zeroes for the unconditional branch (the time ids stay)
 UNCONDITIONAL_KEYS = ("keyframe_latent", "motion_field", "motion_context")
+RESIDUAL_BASE = "residual_base"  # cond key of the clean keyframe latent [b, C, h, w] (keyframe_residual only)
 SCALINGS = ("v", "edm")
 
 
@@ -64,6 +65,9 @@ class VideoDetokenizerConfig:
     motion_bucket_id: float = 127.0
     noise_aug_strength: float = 0.02  # also the std of the noise added to the keyframe latent
     uncond_prob: float = 0.1  # training samples conditioned on nothing (the zeroed keys), which CFG needs
+    keyframe_residual: bool = False  # diffuse clip - keyframe latent (the release: False). For models trained
+    #                                  from scratch at small scale: the static part of a clip is then given, and
+    #                                  training goes to what moves (set sigma_data to the residual's std)
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
@@ -152,8 +156,18 @@ class VideoDetokenizer(nn.Module):
             noise = torch.randn(keyframe.shape, generator=generator, device=keyframe.device, dtype=keyframe.dtype)
             keyframe = keyframe + c.noise_aug_strength * noise
         time_ids = torch.tensor([c.fps_id, c.motion_bucket_id, c.noise_aug_strength], device=keyframe.device)
-        return {"keyframe_latent": keyframe, "motion_field": field_.contiguous(), "motion_context": context,
+        cond = {"keyframe_latent": keyframe, "motion_field": field_.contiguous(), "motion_context": context,
                 "added_time_ids": time_ids.expand(batch, -1)}
+        if c.keyframe_residual:
+            cond[RESIDUAL_BASE] = keyframe_latent.float()
+        return cond
+
+    @staticmethod
+    def _split_base(cond: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """(the U-Net's conditioning, the residual base [b, 1, C, h, w] or None)."""
+        base = cond.get(RESIDUAL_BASE)
+        network_cond = {k: v for k, v in cond.items() if k != RESIDUAL_BASE}
+        return network_cond, None if base is None else base.unsqueeze(1)
 
     def unconditional(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The release's unconditional branch: keyframe latent, motion field and motion context zeroed."""
@@ -174,7 +188,9 @@ class VideoDetokenizer(nn.Module):
             drop = draw < self.config.uncond_prob
             cond = {k: torch.where(append_dims(drop, v.ndim), torch.zeros_like(v), v) if k in UNCONDITIONAL_KEYS else v
                     for k, v in cond.items()}
-        return self.diffusion_loss.terms(self.denoiser, x0_latents.float(), cond, generator=generator)
+        cond, base = self._split_base(cond)
+        x0 = x0_latents.float() if base is None else x0_latents.float() - base
+        return self.diffusion_loss.terms(self.denoiser, x0, cond, generator=generator)
 
     def loss(self, x0_latents: torch.Tensor, cond: dict[str, torch.Tensor], *,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -201,6 +217,7 @@ class VideoDetokenizer(nn.Module):
         if isinstance(guidance, (tuple, list)):
             guidance = None if tuple(float(g) for g in guidance) == (1.0, 1.0) else LinearFrameGuidance(*guidance)
         denoiser = self.denoiser
+        cond, base = self._split_base(cond)
         if guidance is None:
             def denoise(x, sigma):
                 return denoiser(x, sigma, **cond)
@@ -213,8 +230,9 @@ class VideoDetokenizer(nn.Module):
         else:
             if tuple(x_init.shape) != shape:
                 raise ValueError(f"x_init must be {list(shape)}, got {list(x_init.shape)}")
-            x = x_init.float()
-        return sampler(denoise, x, sigmas=sigmas, generator=generator)
+            x = x_init.float() if base is None else x_init.float() - base
+        out = sampler(denoise, x, sigmas=sigmas, generator=generator)
+        return out if base is None else out + base
 
 
 # ---- export ----------------------------------------------------------------------------------------
