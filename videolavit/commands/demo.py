@@ -96,7 +96,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "pretrain": ("motion_tokenizer", "keyframe_tokenizer"),
     "instruct": ("pretrain",),  # init_from / tokenizer: the pretrain export (+ the tokenizers, via pretrain)
     "question_answering": ("instruct",),  # chat: instruct + both tokenizers
-    "text_to_video": ("instruct", "keyframe_detokenizer", "video_detokenizer"),  # generate: every export
+    "text_to_video": ("pretrain", "keyframe_detokenizer", "video_detokenizer"),  # generate: the pre-trained LLM
 }
 EVALUATION = ("question_answering", "text_to_video")  # --from-stage evaluation: both
 

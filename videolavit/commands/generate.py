@@ -20,7 +20,7 @@ HELP = "generate videos from text (or an image + text) with the trained exports;
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exports", required=True, help="directory of the stage exports (tokenizers, detokenizers, "
                                                          "instruct/ or pretrain/ LLM)")
-    parser.add_argument("--llm", default=None, help="LLM directory (default: EXPORTS/instruct, else EXPORTS/pretrain)")
+    parser.add_argument("--llm", default=None, help="LLM directory (default: EXPORTS/pretrain, as the release generates with its pre-trained LLM; else EXPORTS/instruct)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the text prompt")
     what.add_argument("--prompts-file", help="a text file, one prompt per line (writes --out-dir/clip_NNNN.mp4)")

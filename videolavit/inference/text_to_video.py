@@ -11,8 +11,8 @@ DDIM-inverted (paper eq. 4) part-way along g_I's schedule, so consecutive clips 
 
 Exports directory layout (what the stages' ``export_dir`` write; ``from_directory``):
 ``motion_tokenizer.{json,safetensors}``, ``keyframe_tokenizer.{json,safetensors}``,
-``keyframe_detokenizer/``, ``video_detokenizer/`` and an LLM directory (``instruct/`` if present, else
-``pretrain/``; or pass ``llm=``).
+``keyframe_detokenizer/``, ``video_detokenizer/`` and an LLM directory (``pretrain/`` if present, else
+``instruct/``; or pass ``llm=``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
 from videolavit.models.latent_space import build_latent_space, images_to_uint8, images_to_unit_range
 from videolavit.models.video_detokenizer import load_video_detokenizer, read_video_detokenizer_spec
 
-LLM_DIRECTORIES = ("instruct", "pretrain")
+# The release generates with its pre-trained LLM; instruction tuning on conversations alone (ours too) erodes
+# text-to-video (the tiny chain: the caption's direction in 4/8 generated motion fields before, 1/8 after).
+LLM_DIRECTORIES = ("pretrain", "instruct")
 
 
 @dataclass
