@@ -104,7 +104,8 @@ EVALUATION = ("question_answering", "text_to_video")  # --from-stage evaluation:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=".", help="where runs/tiny is written (default: current directory)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps per stage (CI)")
-    parser.add_argument("--train-videos", type=int, default=64)
+    parser.add_argument("--train-videos", type=int, default=256,
+                        help="training videos synthesised (default 256: with 64 the tiny LLM overfits)")
     parser.add_argument("--val-videos", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="processes of the data job's synth and prepare")
     parser.add_argument("--from-stage", default=None,
