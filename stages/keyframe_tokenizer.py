@@ -19,11 +19,12 @@ Batch keys (``keyframe`` view): ``image`` uint8 [B, 3, S, S] (S = the ViT's imag
 
 Logged: ``train/loss``, ``train/reconstruction_loss`` (1 - cosine), ``train/keep_ratio_loss``,
 ``train/commitment_loss``, ``train/keep_ratio`` (tokens kept per image / patches), ``train/tokens_per_image``,
-``train/codebook_usage`` and ``train/perplexity`` (this batch). Validation (selection as at inference):
-``val/loss``, ``val/reconstruction_loss``, ``val/feature_cosine`` (mean cosine between reconstructed and
-true ViT features over all patches), ``val/tokens_per_image``, ``val/keep_ratio``, ``val/keep_prob`` (the
-selector's mean p(keep)), and ``val/codebook_usage`` / ``val/perplexity`` over the whole validation epoch
-(all ranks).
+``train/codebook_usage`` and ``train/perplexity`` (this batch), plus ``train/<term>_loss`` for each optional
+term the loss config switches on (``weighted_reconstruction``, ``selector_deviation``, ``similarity``).
+Validation (selection as at inference): ``val/loss``, ``val/reconstruction_loss``, ``val/feature_cosine``
+(mean cosine between reconstructed and true ViT features over all patches), ``val/tokens_per_image``,
+``val/keep_ratio``, ``val/keep_prob`` (the selector's mean p(keep)), and ``val/codebook_usage`` /
+``val/perplexity`` over the whole validation epoch (all ranks).
 
 Selection outside training follows ``tokenizer.eval_selection``. Training draws Gumbel samples, so the
 selector learns p(keep) near the target ratio (1/3) and, for a long time, near it for *most* patches; the
@@ -66,6 +67,7 @@ DECODER_EXPORT_NAME = "keyframe_feature_decoder"
 FROZEN_PREFIX = "model.encoder."
 # In the exports, but trained by later stages (see the module docstring).
 NOT_TRAINED_HERE = ("model.vit_proj.", "decoder.unet_proj_1.", "decoder.unet_proj_2.", "decoder.unet_attnpool.")
+CORE_TERMS = ("loss", "reconstruction", "keep_ratio", "commitment")  # logged in every run
 
 
 def default_decoder_config(tokenizer: KeyframeTokenizerConfig) -> KeyframeFeatureDecoderConfig:
@@ -101,7 +103,8 @@ class KeyframeTokenizerStage(StageModule):
     """Args:
         tokenizer: sizes of the tokenizer and its ViT (release: EVA-CLIP ViT-g/14, 16384x32 codes).
         decoder: sizes of the feature decoder (default: the release's, fitted to ``tokenizer``).
-        loss: keep-ratio target and weight (paper: rho = 1/3).
+        loss: keep-ratio target and weight (paper: rho = 1/3) and the optional small-object terms
+            (``KeyframeTokenizerLossConfig``; off by default, i.e. the paper's objective).
         backbone_weights: local EVA-CLIP ViT weight file (safetensors or a weights-only torch file). None:
             a random ViT seeded by ``backbone_seed`` — for tests and tiny runs only (warns).
         backbone_prefix: key prefix to select and strip in that file (``"encoder."`` takes the ViT out of a
@@ -170,6 +173,9 @@ class KeyframeTokenizerStage(StageModule):
                        "train/tokens_per_image": tokens,
                        "train/codebook_usage": encoding.usage,
                        "train/perplexity": encoding.perplexity}, batch_size=size)
+        optional = {f"train/{name}_loss": value for name, value in terms.items() if name not in CORE_TERMS}
+        if optional:  # terms the loss config switched on (e.g. ``similarity``)
+            self.log_dict(optional, batch_size=size)
         return terms["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
