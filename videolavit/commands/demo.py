@@ -37,7 +37,7 @@ from pathlib import Path
 
 from videolavit.commands.demo_schedule import Job, JobFailed, Outcome, downstream, run_jobs, upstream
 
-HELP = ("run the whole chain on the synthetic corpus (CPU, ~17 min on 2 cores with independent stages on 2 lanes) "
+HELP = ("run the whole chain on the synthetic corpus (CPU, ~15 min on 2 cores with independent stages on 2 lanes) "
         "and write a report with learning checks")
 
 REPO = Path(__file__).resolve().parents[2]
