@@ -25,6 +25,7 @@ from videolavit.synth.moving_shapes import (
     load_corpus,
     plan_corpus,
     qa_pairs,
+    render_frame,
     shape_coverage,
 )
 
@@ -146,6 +147,19 @@ def test_shape_moves_in_known_direction_at_known_speed(corpus):
         assert vx * ux + vy * uy > MIN_SPEED_PX_PER_S - 0.6  # moving the named way, fast enough to measure
         truth = np.array([spec.center_at(i) for i in range(len(frames))])
         assert np.abs(np.stack([cx, cy], axis=1) - truth).max() < 1.0, spec.videoid
+
+
+def test_frames_change_the_background_only_where_the_shape_covers_it():
+    """Frames are composited around the shape only; every pixel the full-frame coverage leaves at 0 must be the
+    background's, and every covered pixel must get the shape (shapes touching the border included)."""
+    specs = plan_corpus(12, seed=7, size=(96, 64), seconds=4.0)
+    for spec in specs:
+        for index in (0, spec.num_frames // 2, spec.num_frames - 1):
+            black = np.zeros((spec.height, spec.width, 3))  # so any shape pixel shows
+            frame = render_frame(spec, index, black).astype(np.int64)
+            coverage = shape_coverage(spec.shape, spec.shape_radius_px, spec.center_at(index), spec.height, spec.width)
+            assert not frame[coverage == 0].any(), spec.videoid
+            assert (frame[coverage == 1].sum(axis=-1) > 0).all(), spec.videoid
 
 
 def test_background_is_static(corpus):

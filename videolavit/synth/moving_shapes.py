@@ -364,7 +364,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _composite(spec: VideoSpec, frame_index: int, background: np.ndarray, background_uint8: np.ndarray) -> np.ndarray:
-    """Composite only the box around the shape (4-5x faster than the whole frame). The pixels are those of
+    """Composite only the box around the shape (~7x faster than the whole frame at 128x128). The pixels are those of
     compositing over the whole frame: outside the box coverage is exactly 0, so they are the background's."""
     cx, cy = spec.center_at(frame_index)
     rows, cols = _shape_box((cx, cy), spec.shape_radius_px, spec.height, spec.width)
