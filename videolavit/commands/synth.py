@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=int, default=12, help="source frame rate (default 12)")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of every video (default 10)")
     parser.add_argument("--workers", type=int, default=1, help="render videos in this many processes (default 1)")
+    parser.add_argument("--stills-per-video", type=int, default=0,
+                        help="also write this many still images per video with captions (image_text.jsonl) and "
+                             "shape/colour questions (image_qa.json), for the stages' image sources (default 0)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a different moving-shapes corpus already in --out"
     )
@@ -32,10 +35,12 @@ def run(args: argparse.Namespace) -> int:
             specs = generate_corpus(
                 args.out, args.num_videos, args.seed, size=size, fps=args.fps, seconds=args.seconds,
                 workers=args.workers, overwrite=args.overwrite, progress=bar.update,
+                stills_per_video=args.stills_per_video,
             )  # fmt: skip
     except (ValueError, PermissionError, CorpusExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     geometry = f"{size[0]}x{size[1]}, {args.fps} fps, {specs[0].duration_s:g} s"
-    print(f"wrote {len(specs)} videos ({geometry}) to {args.out}")
+    stills = f" and {args.stills_per_video} stills per video" if args.stills_per_video else ""
+    print(f"wrote {len(specs)} videos ({geometry}){stills} to {args.out}")
     return 0

@@ -13,7 +13,10 @@ Layout written by :func:`generate_corpus` into ``out_dir``::
     qa.json           [{"video_id", "question", "answer", "attribute"}], three one-word answers per video
     metadata.jsonl    one JSON object per video: the :class:`VideoSpec` ground truth
 
-Everything is a pure function of ``(num_videos, seed, size, fps, seconds)``: the same arguments give
+and, with ``stills_per_video`` > 0, still images with their captions and questions
+(:mod:`videolavit.synth.stills`: ``images/``, ``image_text.jsonl``, ``image_qa.json``).
+
+Everything is a pure function of ``(num_videos, seed, size, fps, seconds, stills_per_video)``: the same arguments give
 byte-identical text files and identical decoded frames (libx264 runs single-threaded). Video ids carry
 the seed (``s{seed}_{index:06d}``) so corpora from different seeds merge without collisions, and each
 attribute is balanced over the corpus (its values are dealt in shuffled rounds), so a held-out corpus
@@ -415,11 +418,15 @@ def _render_job(job: tuple[dict, str]) -> str:
 # ----------------------------------------------------------------------------------------------- corpus
 
 
-def _manifest(num_videos: int, seed: int, size: tuple[int, int], fps: int, seconds: float) -> dict:
-    return {
+def _manifest(num_videos: int, seed: int, size: tuple[int, int], fps: int, seconds: float,
+              stills_per_video: int = 0) -> dict:
+    manifest = {
         "generator": GENERATOR_NAME, "version": GENERATOR_VERSION, "num_videos": num_videos, "seed": seed,
         "width": size[0], "height": size[1], "fps": fps, "seconds": seconds,
     }  # fmt: skip
+    if stills_per_video:  # corpora without stills keep the manifest they always had
+        manifest["stills_per_video"] = stills_per_video
+    return manifest
 
 
 def _prepare_out_dir(out_dir: Path, manifest: dict, overwrite: bool) -> None:
@@ -455,14 +462,17 @@ def _prepare_out_dir(out_dir: Path, manifest: dict, overwrite: bool) -> None:
             f"output directory {str(out_dir)!r} holds a different moving-shapes corpus ({existing});"
             " pass --overwrite (overwrite=True) to replace it"
         )
-    unknown = [name for name in entries if name not in CORPUS_FILES and name != VIDEO_DIR]
+    from videolavit.synth.stills import IMAGE_DIR, STILL_FILES
+
+    unknown = [name for name in entries if name not in (*CORPUS_FILES, *STILL_FILES, VIDEO_DIR, IMAGE_DIR)]
     if unknown:
         raise CorpusExistsError(
             f"refusing to overwrite {str(out_dir)!r}: it also holds files that are not part of a corpus:"
             f" {unknown[:5]}"
         )
     shutil.rmtree(out_dir / VIDEO_DIR, ignore_errors=True)
-    for name in CORPUS_FILES:
+    shutil.rmtree(out_dir / IMAGE_DIR, ignore_errors=True)
+    for name in (*CORPUS_FILES, *STILL_FILES):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -494,19 +504,24 @@ def generate_corpus(
     workers: int = 1,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    stills_per_video: int = 0,
 ) -> list[VideoSpec]:
     """Render a moving-shapes corpus into ``out_dir`` (layout in the module docstring); return its specs.
 
     ``size`` is (width, height). ``workers`` > 1 renders videos in that many (spawned) processes.
+    ``stills_per_video`` > 0 also writes that many still images of every video with their captions and
+    questions (:func:`videolavit.synth.stills.write_stills`).
     ``progress`` is called with the number of videos finished since the last call (e.g. ``tqdm.update``).
     Raises ``ValueError`` for bad arguments, ``PermissionError`` if ``out_dir`` is not writable and
     :class:`CorpusExistsError` if it holds something else (see ``overwrite``).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if stills_per_video < 0:
+        raise ValueError(f"stills_per_video must be >= 0, got {stills_per_video}")
     specs = plan_corpus(num_videos, seed, size, fps, seconds)
     out_dir = Path(out_dir)
-    manifest = _manifest(num_videos, seed, size, fps, seconds)
+    manifest = _manifest(num_videos, seed, size, fps, seconds, stills_per_video)
     _prepare_out_dir(out_dir, manifest, overwrite)
     _write_text_atomic(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     video_dir = out_dir / VIDEO_DIR
@@ -527,6 +542,10 @@ def generate_corpus(
                 if progress is not None:
                     progress(1)
     _write_annotations(out_dir, specs)
+    if stills_per_video:
+        from videolavit.synth.stills import write_stills
+
+        write_stills(out_dir, specs, stills_per_video)
     return specs
 
 
