@@ -1,6 +1,7 @@
 """``python -m videolavit demo``: the whole Video-LaVIT chain on the embedded synthetic corpus, on a laptop CPU.
 
-1. synthesise the moving-shapes corpus (training seed 0, held-out seed 1) and ``prepare`` shards;
+1. synthesise the moving-shapes corpus (training seed 0 with 8 stills per video for the LLM stages' image
+   sources, held-out seed 1) and ``prepare`` shards;
 2. run every stage's tiny config through ``python -m videolavit fit --config experiments/tiny/...`` (the path
    users run), each stage reading the exports of the ones it needs from ``runs/tiny/exports``: motion
    tokenizer, keyframe tokenizer, keyframe detokenizer, video detokenizer, pre-training (validated once before
@@ -36,6 +37,7 @@ from functools import partial
 from pathlib import Path
 
 from videolavit.commands.demo_schedule import Job, JobFailed, Outcome, downstream, run_jobs, upstream
+from videolavit.synth.stills import IMAGE_QA_FILE
 
 HELP = ("run the whole chain on the synthetic corpus (CPU, ~10 min on 2 idle cores, independent stages on 2 lanes) "
         "and write a report with learning checks")
@@ -47,6 +49,7 @@ CHANCE = {"shape": 1 / 4, "color": 1 / 5, "direction": 1 / 4}
 # Held-out captions generated (all 16: at 8, two runs gave 0.625 and 0.125) and sampling steps of both U-Nets
 # (release: 25).
 T2V_PROMPTS, T2V_STEPS = 16, 10
+STILLS_PER_VIDEO = 8  # training stills: the tiny pretrain/instruct configs' image-text and image-QA sources
 # The tiny LLM decodes greedily with motion CFG 3 (release: sampling, CFG 7). On 16 held-out captions (one chain's
 # exports) the decoded motion fields point the captioned way 14/16 (greedy, CFG 1 or 3) vs 13/16 (release), and
 # are sharper (top-4 blocks hold 38-42% of a frame's motion vs 30%); the videos g_V renders from them 7/16 vs 3/16.
@@ -155,15 +158,17 @@ def _prepare_data(run: Runner, args: argparse.Namespace) -> dict:
     data = TINY / "data"
     timings = {}
     counts = (8, 4) if args.smoke else (args.train_videos, args.val_videos)
-    for split, seed, count in (("train", 0, counts[0]), ("val", 1, counts[1])):
+    for split, seed, count, stills in (("train", 0, counts[0], STILLS_PER_VIDEO), ("val", 1, counts[1], 0)):
         corpus, shards = data / f"corpus_{split}", data / f"shards_{split}"
         manifest = run.workdir / shards / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()).get("written") == count:
+        has_stills = not stills or (run.workdir / corpus / IMAGE_QA_FILE).is_file()
+        if manifest.is_file() and json.loads(manifest.read_text()).get("written") == count and has_stills:
             print(f"[data] {split}: reusing {shards}", flush=True)
             continue
         print(f"[data] {split}: {count} synthetic videos (seed {seed}) -> shards", flush=True)
         timings[f"synth_{split}"] = run(f"synth_{split}", "synth", "--out", str(corpus), "--num-videos", str(count),
-                                        "--seed", str(seed), "--workers", str(args.workers), "--overwrite")
+                                        "--seed", str(seed), "--workers", str(args.workers), "--overwrite",
+                                        "--stills-per-video", str(stills))
         if (run.workdir / shards).exists():
             import shutil
 
