@@ -39,7 +39,7 @@ from pathlib import Path
 from videolavit.commands.demo_schedule import Job, JobFailed, Outcome, downstream, run_jobs, upstream
 from videolavit.synth.stills import IMAGE_QA_FILE
 
-HELP = ("run the whole chain on the synthetic corpus (CPU, ~10 min on 2 idle cores, independent stages on 2 lanes) "
+HELP = ("run the whole chain on the synthetic corpus (CPU, ~12 min on 2 idle cores, independent stages on 2 lanes) "
         "and write a report with learning checks")
 
 REPO = Path(__file__).resolve().parents[2]
