@@ -16,9 +16,9 @@ Layout written by :func:`generate_corpus` into ``out_dir``::
 and, with ``stills_per_video`` > 0, still images with their captions and questions
 (:mod:`videolavit.synth.stills`: ``images/``, ``image_text.jsonl``, ``image_qa.json``).
 
-Everything is a pure function of ``(num_videos, seed, size, fps, seconds, stills_per_video)``: the same arguments give
-byte-identical text files and identical decoded frames (libx264 runs single-threaded). Video ids carry
-the seed (``s{seed}_{index:06d}``) so corpora from different seeds merge without collisions, and each
+Everything is a pure function of ``(num_videos, seed, size, fps, seconds, stills_per_video)``: the same
+arguments give byte-identical text files and identical decoded frames (libx264 runs single-threaded). Video
+ids carry the seed (``s{seed}_{index:06d}``) so corpora from different seeds merge without collisions, and each
 attribute is balanced over the corpus (its values are dealt in shuffled rounds), so a held-out corpus
 from another seed with at least ``len(COLORS)`` videos covers every value.
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from videolavit.synth.moving_shapes import VideoSpec, _background, render_frame
+from videolavit.synth.moving_shapes import VideoSpec, _background, _write_text_atomic, render_frame
 
 IMAGE_DIR = "images"
 IMAGE_TEXT_FILE = "image_text.jsonl"
@@ -99,9 +99,6 @@ def write_stills(out_dir: str | os.PathLike, specs: Sequence[VideoSpec], per_vid
                 _write_png(out_dir / name, render_frame(spec, frame_index, background))
             pairs.append({"image": name, "caption": still_caption(spec, frame_index)})
             conversations.extend(still_conversations(spec, frame_index, name))
-    for file, text in ((IMAGE_TEXT_FILE, "".join(json.dumps(p) + "\n" for p in pairs)),
-                       (IMAGE_QA_FILE, json.dumps(conversations, indent=1) + "\n")):
-        tmp = out_dir / f".{file}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / file)
+    _write_text_atomic(out_dir / IMAGE_TEXT_FILE, "".join(json.dumps(p) + "\n" for p in pairs))
+    _write_text_atomic(out_dir / IMAGE_QA_FILE, json.dumps(conversations, indent=1) + "\n")
     return len(pairs)
