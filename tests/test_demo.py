@@ -4,6 +4,7 @@ runs those jobs on parallel lanes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -177,3 +178,31 @@ def test_from_stage_reruns_that_job_and_everything_downstream(tmp_path):
     assert _select(graph, None, tmp_path) == set(NEEDS)
     with pytest.raises(SystemExit, match="unknown --from-stage 'nope'"):
         _select(graph, "nope", tmp_path)
+
+
+def test_device_and_precision_reach_every_stage_and_the_evaluation_commands(tmp_path, monkeypatch):
+    from videolavit.commands import demo
+
+    calls = []
+
+    class Recording(demo.Runner):
+        def __call__(self, name, *args):
+            calls.append((name, args))
+            stage = next((s for s in STAGES if s.name == name), None)
+            if stage is not None:  # what the fit would leave behind
+                (self.workdir / EXPORTS / stage.export).parent.mkdir(parents=True, exist_ok=True)
+                (self.workdir / EXPORTS / stage.export).touch()
+            return 0.0
+
+    runner = Recording(tmp_path, "cuda", "bf16-mixed")
+    demo._run_stage(runner, STAGES[0], smoke=True)
+    fit = dict(calls)[STAGES[0].name]
+    assert fit[:2] == ("fit", "--config")
+    assert fit[-6:] == ("--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "bf16-mixed")
+    assert Recording(tmp_path).trainer_overrides == []  # CPU, the configs' precision
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    with pytest.raises(SystemExit, match="--device cuda, but torch sees no CUDA device"):
+        demo.run(parser.parse_args(["--workdir", str(tmp_path), "--device", "cuda"]))
