@@ -162,6 +162,22 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div(255.0)
 
 
+def load_image_text_pair(line: str, root: Path, size: int) -> tuple[torch.Tensor, str, Path] | None:
+    """One JSONL line ``{"image": path relative to root, "caption": str}`` -> (image as ``load_image``, caption,
+    image path); a bad line (``bad_image_text_record``) or an unreadable image is a counted skip (None)."""
+    try:
+        record = json.loads(line)
+        image, caption = root / record["image"], str(record["caption"])
+    except (ValueError, KeyError, TypeError) as exc:
+        SKIPS.record(line[:80], "bad_image_text_record", f"{type(exc).__name__}: {exc}")
+        return None
+    try:
+        return load_image(image, size), caption, image
+    except errors.VideoSkip as skip:
+        SKIPS.record(str(image), skip.reason, skip.detail)
+        return None
+
+
 @dataclasses.dataclass
 class InstructRow(PackedRow):
     """A packed row plus the held-out questions it carries (validation only)."""

@@ -64,7 +64,6 @@ once, in shard order, each text line of ``val_text_corpus`` once.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import zlib
@@ -474,24 +473,17 @@ class PretrainSequenceView(VideoTokenView):
             return None
         if not Path(path).is_file():
             raise FileNotFoundError(f"image-text file {path} does not exist")
-        from datamodules.instruct_views import load_image
+        from datamodules.instruct_views import load_image_text_pair
 
         root = Path(path).parent
         slot, slots = _reader_slot()
         lines = list(read_text_lines(path, slot, slots)) or list(read_text_lines(path))
 
         def document(line: str) -> TokenSequence | None:
-            try:
-                record = json.loads(line)
-                image, caption = root / record["image"], str(record["caption"])
-            except (ValueError, KeyError, TypeError) as exc:
-                SKIPS.record(line[:80], "bad_image_text_record", f"{type(exc).__name__}: {exc}")
+            pair = load_image_text_pair(line, root, self.keyframe_image_size())
+            if pair is None:
                 return None
-            try:
-                pixels = load_image(image, self.keyframe_image_size())
-            except errors.VideoSkip as skip:
-                SKIPS.record(str(image), skip.reason, skip.detail)
-                return None
+            pixels, caption, image = pair
             codes = self.image_codes(pixels[None])[0]
             order_rng = rng if train else random.Random(zlib.crc32(str(image).encode("utf-8")))
             return self.pair_document(image_token_ids(codes, self.vocabulary), caption,

@@ -50,6 +50,7 @@ CHANCE = {"shape": 1 / 4, "color": 1 / 5, "direction": 1 / 4}
 # (release: 25).
 T2V_PROMPTS, T2V_STEPS = 16, 10
 STILLS_PER_VIDEO = 8  # training stills: the tiny pretrain/instruct configs' image-text and image-QA sources
+VAL_STILLS_PER_VIDEO = 2  # held-out stills: the vision backbone's validation
 # The tiny LLM decodes greedily with motion CFG 3 (release: sampling, CFG 7). On 16 held-out captions (one chain's
 # exports) the decoded motion fields point the captioned way 14/16 (greedy, CFG 1 or 3) vs 13/16 (release), and
 # are sharper (top-4 blocks hold 38-42% of a frame's motion vs 30%); the videos g_V renders from them 7/16 vs 3/16.
@@ -76,6 +77,9 @@ STAGES = [
     Stage("motion_tokenizer", "motion_tokenizer.safetensors",
           "held-out motion reconstruction MSE / MSE of predicting zero motion", "val/recon_ratio", "<= 0.30",
           smoke=["--data.init_args.batch_size", "8"]),
+    Stage("vision_backbone", "vision_backbone.safetensors",
+          "held-out shape named by the backbone's caption-word head (chance 0.25)", "val/word_accuracy/shape",
+          ">= 0.5", smoke=["--data.init_args.batch_size", "8", "--data.init_args.val_batch_size", "8"]),
     Stage("keyframe_tokenizer", "keyframe_tokenizer.safetensors",
           "held-out cosine of the ViT features decoded from the codes (0 = unrelated)", "val/feature_cosine",
           ">= 0.5", smoke=["--data.init_args.batch_size", "8"]),
@@ -97,7 +101,8 @@ STAGES = [
 NEEDS: dict[str, tuple[str, ...]] = {
     "data": (),
     "motion_tokenizer": ("data",),
-    "keyframe_tokenizer": ("data",),
+    "vision_backbone": ("data",),  # the stills of corpus_train / corpus_val
+    "keyframe_tokenizer": ("vision_backbone",),  # backbone_weights: the vision backbone export
     "keyframe_detokenizer": ("keyframe_tokenizer",),  # init_from: the keyframe tokenizer + feature decoder
     "video_detokenizer": ("motion_tokenizer",),  # init_from: the motion tokenizer (motion_source: tokenizer)
     # The view tokenises clips with both frozen tokenizers; the text tokenizer is built from shards_train by
@@ -170,7 +175,8 @@ def _prepare_data(run: Runner, args: argparse.Namespace) -> dict:
     data = TINY / "data"
     timings = {}
     counts = (8, 4) if args.smoke else (args.train_videos, args.val_videos)
-    for split, seed, count, stills in (("train", 0, counts[0], STILLS_PER_VIDEO), ("val", 1, counts[1], 0)):
+    splits = (("train", 0, counts[0], STILLS_PER_VIDEO), ("val", 1, counts[1], VAL_STILLS_PER_VIDEO))
+    for split, seed, count, stills in splits:
         corpus, shards = data / f"corpus_{split}", data / f"shards_{split}"
         manifest = run.workdir / shards / "manifest.json"
         has_stills = not stills or (run.workdir / corpus / IMAGE_QA_FILE).is_file()
