@@ -87,7 +87,7 @@ def bench(name: str, device: torch.device, batch: int | None, iterations: int) -
 
     model.eval()
     with torch.no_grad(), autocast:
-        cond, _ = model._split_base(model.conditioning(keyframe, motion))  # the residual base is no U-Net input
+        cond, _ = model.split_residual_base(model.conditioning(keyframe, motion))  # the residual base is no U-Net input
         denoise = GuidedDenoiser(model.denoiser, LinearFrameGuidance(1.0, 4.0), cond, model.unconditional(cond))
         denoise(x0, 1.0)
         step, cpu = timed(lambda: denoise(x0, 1.0), device, iterations)

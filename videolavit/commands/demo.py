@@ -297,7 +297,7 @@ def _verdict(passed: bool | None) -> str:
 def _markdown(report: dict) -> str:
     lanes = report["lanes"]
     lines = [f"# videolavit demo ({report['mode']}) — {report['minutes']} min on {lanes} lane{'s' * (lanes > 1)}"
-             f" ({report.get('device', 'cpu')})",
+             f" ({report['device']})",
              "",
              "| stage | learning check | value | pass rule | result | minutes |", "|---|---|---|---|---|---|"]
     for name, r in report["stages"].items():

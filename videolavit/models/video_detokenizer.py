@@ -163,7 +163,7 @@ class VideoDetokenizer(nn.Module):
         return cond
 
     @staticmethod
-    def _split_base(cond: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def split_residual_base(cond: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """(the U-Net's conditioning, the residual base [b, 1, C, h, w] or None)."""
         base = cond.get(RESIDUAL_BASE)
         network_cond = {k: v for k, v in cond.items() if k != RESIDUAL_BASE}
@@ -188,7 +188,7 @@ class VideoDetokenizer(nn.Module):
             drop = draw < self.config.uncond_prob
             cond = {k: torch.where(append_dims(drop, v.ndim), torch.zeros_like(v), v) if k in UNCONDITIONAL_KEYS else v
                     for k, v in cond.items()}
-        cond, base = self._split_base(cond)
+        cond, base = self.split_residual_base(cond)
         x0 = x0_latents.float() if base is None else x0_latents.float() - base
         return self.diffusion_loss.terms(self.denoiser, x0, cond, generator=generator)
 
@@ -217,7 +217,7 @@ class VideoDetokenizer(nn.Module):
         if isinstance(guidance, (tuple, list)):
             guidance = None if tuple(float(g) for g in guidance) == (1.0, 1.0) else LinearFrameGuidance(*guidance)
         denoiser = self.denoiser
-        cond, base = self._split_base(cond)
+        cond, base = self.split_residual_base(cond)
         if guidance is None:
             def denoise(x, sigma):
                 return denoiser(x, sigma, **cond)
