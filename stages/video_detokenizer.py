@@ -40,23 +40,12 @@ from videolavit.models.video_detokenizer import (
     save_video_detokenizer,
 )
 from videolavit.models.video_unet import load_svd_unet_weights
-from videolavit.video.motion_direction import direction_agreement, measure_motion
+from videolavit.video.motion_direction import direction_agreement, measure_motion, motion_field_direction
 from videolavit.video.motion_grid import TOKENIZER_SCALE
 
 TOKENIZER_EXPORT = "motion_tokenizer"
 MOTION_SOURCES = ("tokenizer", "raw")
 PIXEL_SPACE = {"class_path": "videolavit.models.latent_space.PixelSpace", "init_args": {}}
-
-
-def motion_field_direction(motion: torch.Tensor) -> str | None:
-    """The dominant of left/right/up/down of a field [2, T, gh, gw] (x right, y down), from its mean
-    over the clip; None for a field without motion."""
-    dx, dy = (float(v) for v in motion.float().mean(dim=(1, 2, 3)))
-    if dx == 0 and dy == 0:
-        return None
-    if abs(dx) >= abs(dy):
-        return "right" if dx > 0 else "left"
-    return "down" if dy > 0 else "up"
 
 
 class VideoDetokenizerStage(StageModule):

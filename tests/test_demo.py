@@ -73,6 +73,13 @@ def test_held_out_answers_and_generated_videos_are_well_formed(smoke_run):
     for index in range(2):
         frames = decode_all_frames(smoke_run / "t2v" / f"clip_{index:04d}.mp4")
         assert frames.shape[0] == 24 and frames.dtype.name == "uint8"
+    # The LLM's own codes, recorded beside the videos: one direction per prompt, keyframes within the cap.
+    assert len(t2v["motion_codes_directions"]) == 2
+    assert set(t2v["motion_codes_directions"]) <= {"left", "right", "up", "down", None}
+    assert t2v["motion_codes_agreement"] == sum(
+        m == e for m, e in zip(t2v["motion_codes_directions"], t2v["expected"])) / 2
+    assert 1 <= t2v["keyframe_codes_mean"] <= 64
+    assert "The LLM's motion codes alone" in (smoke_run / "report.md").read_text()
 
 
 def test_pass_rules():

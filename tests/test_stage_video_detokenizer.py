@@ -15,7 +15,8 @@ from tests.tensorboard_scalars import scalars
 
 from datamodules.video_datamodule import VideoDataModule
 from datamodules.views import VideoView
-from stages.video_detokenizer import VideoDetokenizerStage, motion_field_direction
+from stages.video_detokenizer import VideoDetokenizerStage
+from videolavit.video.motion_direction import motion_field_direction
 from videolavit.__main__ import main
 from videolavit.models.export import ExportError, save_export
 from videolavit.models.motion_condition_encoder import MotionConditionEncoderConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from videolavit.models.keyframe_detokenizer import KeyframeDetokenizer, save_key
 from videolavit.models.video_detokenizer import (VideoDetokenizer, VideoDetokenizerConfig, VideoDetokenizerSpec,
                                                  save_video_detokenizer)
 from videolavit.video.frames import decode_all_frames
+from videolavit.video.motion_direction import motion_field_direction
 
 PIXELS = {"class_path": "videolavit.models.latent_space.PixelSpace", "init_args": {}}
 FRAME = (16, 16)
@@ -53,6 +55,8 @@ def test_text_to_video_gives_clips_of_the_right_shape_deterministically(exports)
     assert one.dtype == torch.uint8 and one.shape == (24, 3, *FRAME)
     assert torch.equal(one, pipeline.generate("a red circle moving to the left", seed=3))
     assert not torch.equal(one, pipeline.generate("a red circle moving to the left", seed=4))
+    frames, clips = pipeline.generate_with_tokens("a red circle moving to the left", seed=3)
+    assert torch.equal(frames, one) and len(clips) == 1 and len(clips[0].motion) == pipeline.motion_tokenizer.num_tokens
     batch = pipeline(["a", "b"], torch.Generator().manual_seed(0))  # the evaluation protocol's interface
     assert batch.shape == (2, 24, 3, *FRAME)
 
@@ -119,6 +123,14 @@ def test_generate_command_writes_playable_mp4s(exports, tmp_path, capsys):
     assert generate_command.run(_args(exports=exports, prompts_file=prompts, out_dir=tmp_path / "many",
                                       video_steps=2, keyframe_steps=2)) == 0
     assert sorted(p.name for p in (tmp_path / "many").glob("*.mp4")) == ["clip_0000.mp4", "clip_0001.mp4"]
-    assert (tmp_path / "many" / "generated.jsonl").read_text().count("\n") == 2
+    records = [json.loads(line) for line in (tmp_path / "many" / "generated.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["a red circle", "a blue star"]
+    pipeline = TextToVideo.from_directory(exports, **fast())
+    for record in records:  # what the LLM wrote, as the pipeline generates it for that prompt and seed
+        (clip,) = pipeline.generate_with_tokens(record["prompt"], seed=record["seed"])[1]
+        field = pipeline.motion_field(clip.motion)
+        assert record["clips"] == [{"keyframe_codes": len(clip.keyframe), "motion_codes": len(clip.motion),
+                                    "motion_direction": motion_field_direction(field)}]
+        assert record["clips"][0]["motion_direction"] in ("left", "right", "up", "down")
     assert generate_command.run(_args(exports=tmp_path / "missing", prompt="x", out=out)) == 2
     assert "error:" in capsys.readouterr().err

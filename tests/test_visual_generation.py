@@ -42,6 +42,22 @@ def test_deterministic_given_a_seed_and_greedy_is_seedless(llm):
     assert run(0, temperature=0.0) == run(1, temperature=0.0)
 
 
+def test_keyframe_temperature_applies_to_the_keyframe_block_only(llm):
+    run = lambda seed, **kw: generate_clips(llm, VOCAB, [1, 5], 1, _options(**kw),  # noqa: E731
+                                            generator=torch.Generator().manual_seed(seed))[0]
+    # Greedy keyframes, sampled motion: the keyframes agree across seeds, the motion does not.
+    greedy_keyframe = [run(seed, temperature=1.0, keyframe_temperature=0.0) for seed in range(4)]
+    assert all(clip.keyframe == greedy_keyframe[0].keyframe for clip in greedy_keyframe)
+    assert len({tuple(clip.motion) for clip in greedy_keyframe}) > 1
+    # The other way round: sampled keyframes, and the motion after each is the greedy one for that keyframe.
+    sampled_keyframe = [run(seed, temperature=0.0, keyframe_temperature=1.0) for seed in range(4)]
+    assert len({tuple(clip.keyframe) for clip in sampled_keyframe}) > 1
+    for clip in sampled_keyframe:
+        prompt = [1, 5, *image_token_ids(clip.keyframe, VOCAB), VOCAB.motion_start_id]
+        again = generate_clips(llm, VOCAB, prompt, 1, _options(temperature=0.0))[0]
+        assert again.motion == clip.motion
+
+
 def test_guidance_scale_one_equals_the_unguided_path(llm):
     opts = _options(keyframe_guidance=1.0, motion_guidance=1.0, temperature=0.0)
     greedy = generate_clips(llm, VOCAB, [1, 9, 10], 1, opts)

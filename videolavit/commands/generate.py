@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyframe-guidance", type=float, default=4.0, help="LLM CFG scale for keyframe codes")
     parser.add_argument("--motion-guidance", type=float, default=7.0, help="LLM CFG scale for motion codes")
     parser.add_argument("--temperature", type=float, default=1.0, help="LLM sampling temperature (0: greedy)")
+    parser.add_argument("--keyframe-temperature", type=float, default=None,
+                        help="the keyframe block's own temperature (default: --temperature)")
     parser.add_argument("--long-video-start", choices=["noise", "invert"], default="noise",
                         help="how later keyframes start from the previous clip's last frame (release: noise; "
                              "paper eq. 4: invert)")
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from videolavit.inference.text_to_video import TextToVideo
     from videolavit.inference.video_chat import ModelDirectoryError
     from videolavit.models.export import ExportError
+    from videolavit.video.motion_direction import motion_field_direction
     from videolavit.video.writer import write_mp4
 
     if args.prompt is not None and not args.out:
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             args.exports, llm=args.llm, device=args.device, video_steps=args.video_steps,
             keyframe_steps=args.keyframe_steps, keyframe_guidance=args.keyframe_guidance,
             motion_guidance=args.motion_guidance, temperature=args.temperature,
+            keyframe_temperature=args.keyframe_temperature,
             long_video_start=args.long_video_start)
     except (ExportError, ModelDirectoryError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -86,11 +90,16 @@ def run(args: argparse.Namespace) -> int:
     records = []
     for index, (prompt, out) in enumerate(zip(prompts, outputs)):
         start = time.time()
-        frames = pipeline.generate(prompt, num_clips=args.clips, image=image, seed=args.seed + index)
+        frames, clips = pipeline.generate_with_tokens(prompt, num_clips=args.clips, image=image,
+                                                      seed=args.seed + index)
         write_mp4(frames.permute(0, 2, 3, 1).numpy(), out, fps=args.fps)
+        # What the LLM wrote, per clip: keyframe length (0: the given image) and the direction of its motion
+        # codes as the motion tokenizer decodes them, before g_I and g_V render anything.
+        tokens = [{"keyframe_codes": len(clip.keyframe), "motion_codes": len(clip.motion),
+                   "motion_direction": motion_field_direction(pipeline.motion_field(clip.motion))} for clip in clips]
         records.append({"prompt": prompt, "video": str(out), "frames": int(frames.shape[0]),
                         "height": int(frames.shape[2]), "width": int(frames.shape[3]), "fps": args.fps,
-                        "seed": args.seed + index})
+                        "seed": args.seed + index, "clips": tokens})
         print(f"[{index + 1}/{len(prompts)}] {out}: {frames.shape[0]} frames {frames.shape[3]}x{frames.shape[2]} "
               f"in {time.time() - start:.1f} s", flush=True)
     if args.out_dir:

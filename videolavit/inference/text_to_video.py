@@ -47,6 +47,7 @@ class GenerationOptions:
     keyframe_guidance: float = 4.0
     motion_guidance: float = 7.0
     temperature: float = 1.0
+    keyframe_temperature: float | None = None  # None: ``temperature`` (see SamplingOptions)
     top_k: int | None = None
     keyframe_steps: int | None = None  # g_I steps (None: its config's)
     keyframe_image_guidance: float | None = None  # g_I CFG scale (None: its config's)
@@ -131,7 +132,8 @@ class TextToVideo:
         return SamplingOptions(motion_length=self.motion_tokenizer.num_tokens,
                                keyframe_max_length=self.keyframe_detokenizer.config.decoder.max_codes,
                                keyframe_guidance=o.keyframe_guidance, motion_guidance=o.motion_guidance,
-                               temperature=o.temperature, top_k=o.top_k)
+                               temperature=o.temperature,
+                               keyframe_temperature=o.keyframe_temperature, top_k=o.top_k)
 
     def image_codes(self, image: torch.Tensor) -> list[int]:
         """Keyframe codes of an image (uint8 [3, H, W]) from the keyframe tokenizer."""
@@ -169,10 +171,14 @@ class TextToVideo:
                               generator=generator, x_init=x_init, sigmas=sigmas)
         return self.keyframe_space.decode(latents)
 
+    def motion_field(self, motion_codes: list[int]) -> torch.Tensor:
+        """Motion codes -> the motion tokenizer's field [2, T, H, W] (x right, y down; tokenizer scale)."""
+        return self.motion_tokenizer.decode(torch.tensor([motion_codes], device=self.device))[0]
+
     def clip(self, keyframe: torch.Tensor, motion_codes: list[int], generator: torch.Generator) -> torch.Tensor:
         """g_V: keyframe in [-1, 1] [1, 3, H, W] + motion codes -> frames in [-1, 1] [T, 3, H, W]."""
         spec, o = self.video_spec, self.options
-        motion = self.motion_tokenizer.decode(torch.tensor([motion_codes], device=self.device))
+        motion = self.motion_field(motion_codes)[None]
         latent = self.video_space.encode(_resize(keyframe, spec.frame_size))
         cond = self.video_detokenizer.conditioning(latent, motion, generator=generator)
         latents = self.video_detokenizer.sample(cond, spec.num_frames, num_steps=o.video_steps,
@@ -180,10 +186,15 @@ class TextToVideo:
         return self.video_space.decode(latents.flatten(0, 1), num_frames=spec.num_frames)
 
     # ---- public API --------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, prompt: str, num_clips: int = 1, image: torch.Tensor | None = None,
                  seed: int = 0) -> torch.Tensor:
         """uint8 frames [num_clips * T, 3, H, W] at the video detokenizer's frame size (6 fps)."""
+        return self.generate_with_tokens(prompt, num_clips, image, seed)[0]
+
+    @torch.no_grad()
+    def generate_with_tokens(self, prompt: str, num_clips: int = 1, image: torch.Tensor | None = None,
+                             seed: int = 0) -> tuple[torch.Tensor, list[GeneratedClip]]:
+        """As :meth:`generate`, plus the codes the LLM wrote for each clip (to tell its errors from g_I's/g_V's)."""
         llm_generator = torch.Generator().manual_seed(seed)
         generator = torch.Generator(self.device).manual_seed(seed + 1)
         clips = self.clip_tokens(prompt, num_clips, image, llm_generator)
@@ -196,7 +207,7 @@ class TextToVideo:
             clip = self.clip(keyframe, tokens.motion, generator)
             previous = clip[-1:]
             frames.append(images_to_uint8(clip))
-        return torch.cat(frames).cpu()
+        return torch.cat(frames).cpu(), clips
 
     def __call__(self, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
         """One clip per prompt -> uint8 [B, T, 3, H, W] (the evaluation protocol's interface)."""

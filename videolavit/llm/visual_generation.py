@@ -37,6 +37,10 @@ class SamplingOptions:
     keyframe_guidance: float = KEYFRAME_GUIDANCE_SCALE
     motion_guidance: float = MOTION_GUIDANCE_SCALE
     temperature: float = 1.0
+    # The keyframe block's own temperature (None: ``temperature``). Greedy decoding suits the fixed-length
+    # motion block, but a keyframe block ends only where ``[/IMG]`` wins, and the tokenizer's sampled
+    # selection makes that point uncertain: greedily it rarely wins, and keyframes run to the length cap.
+    keyframe_temperature: float | None = None
     top_k: int | None = None
 
 
@@ -57,10 +61,11 @@ class _Branch:
         self.length += len(ids)
 
 
-def _sample(scores: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
-    if options.temperature <= 0:
+def _sample(scores: torch.Tensor, temperature: float, options: SamplingOptions,
+            generator: torch.Generator | None) -> int:
+    if temperature <= 0:
         return int(scores.argmax())
-    scores = scores / options.temperature
+    scores = scores / temperature
     if options.top_k is not None and options.top_k < scores.numel():
         threshold = torch.topk(scores, options.top_k).values[-1]
         scores = scores.masked_fill(scores < threshold, float("-inf"))
@@ -107,10 +112,13 @@ def generate_clips(llm, vocab: Vocabulary, prompt_ids: list[int], num_clips: int
         else:
             in_motion = state in (constraint.MOTION_CODES, constraint.MOTION_CLOSE)
             scale = options.motion_guidance if in_motion else options.keyframe_guidance
+            temperature = options.temperature
+            if not in_motion and options.keyframe_temperature is not None:
+                temperature = options.keyframe_temperature
             scores = cond.logits
             if uncond is not None and scale != 1.0:
                 scores = classifier_free_guidance(cond.logits, uncond.logits, scale)
-            token = _sample(scores.masked_fill(~allowed, float("-inf")), options, generator)
+            token = _sample(scores.masked_fill(~allowed, float("-inf")), temperature, options, generator)
             if token in vocab.visual_range:
                 current.keyframe.append(token - vocab.visual_offset)
             elif token in vocab.motion_range:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 
 from .decompose import DecomposeConfig, reencode
 from .writer import write_mp4
@@ -84,6 +85,17 @@ def measure_motion(frames: np.ndarray, fps: int = 6, min_side: int = 128,
     if count == 0:
         return MotionEstimate(0.0, 0.0, 0)
     return MotionEstimate(sum_x / weight / factor, sum_y / weight / factor, count)
+
+
+def motion_field_direction(motion: torch.Tensor) -> str | None:
+    """The dominant of left/right/up/down of a field [2, T, gh, gw] (x right, y down), from its mean
+    over the clip; None for a field without motion."""
+    dx, dy = (float(v) for v in motion.detach().float().mean(dim=(1, 2, 3)))
+    if dx == 0 and dy == 0:
+        return None
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
 
 
 def direction_agreement(measured: list[str | None], expected: list[str]) -> float:
