@@ -39,6 +39,8 @@ def test_every_stage_runs_and_hands_its_export_to_the_next(smoke_run):
         if "check" in stage:
             assert stage["check"]["value"] is not None and stage["check"]["passed"] is None  # smoke: not judged
     assert report["stages"]["pretrain"]["check"]["baseline"] > 0  # validated before training
+    keyframes = report["stages"]["keyframe_detokenizer"]  # the control condition of the same run
+    assert keyframes["check"]["baseline"] == pytest.approx(keyframes["metrics"]["val/loss_other_codes"], abs=1e-5)
     assert (smoke_run / "exports" / "instruct" / "config.json").is_file()
     assert "smoke: not checked" in (smoke_run / "report.md").read_text()
 
