@@ -61,13 +61,12 @@ class _Branch:
         self.length += len(ids)
 
 
-def _sample(scores: torch.Tensor, temperature: float, options: SamplingOptions,
-            generator: torch.Generator | None) -> int:
+def _sample(scores: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(scores.argmax())
     scores = scores / temperature
-    if options.top_k is not None and options.top_k < scores.numel():
-        threshold = torch.topk(scores, options.top_k).values[-1]
+    if top_k is not None and top_k < scores.numel():
+        threshold = torch.topk(scores, top_k).values[-1]
         scores = scores.masked_fill(scores < threshold, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
@@ -118,7 +117,7 @@ def generate_clips(llm, vocab: Vocabulary, prompt_ids: list[int], num_clips: int
             scores = cond.logits
             if uncond is not None and scale != 1.0:
                 scores = classifier_free_guidance(cond.logits, uncond.logits, scale)
-            token = _sample(scores.masked_fill(~allowed, float("-inf")), temperature, options, generator)
+            token = _sample(scores.masked_fill(~allowed, float("-inf")), temperature, options.top_k, generator)
             if token in vocab.visual_range:
                 current.keyframe.append(token - vocab.visual_offset)
             elif token in vocab.motion_range:
