@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
+from videolavit import __version__
 from videolavit.commands import COMMANDS
+from videolavit.dependencies import DependencyError, check_dependencies
+
+SKIP_DEPENDENCY_CHECK = "VIDEOLAVIT_SKIP_DEPENDENCY_CHECK"
 
 TRAINER_COMMANDS = {
     "fit": "train a stage from a YAML config (--config experiments/...yaml)",
@@ -17,7 +22,7 @@ TRAINER_COMMANDS = {
 
 
 def _print_help() -> None:
-    print("usage: python -m videolavit <command> [options]\n")
+    print("usage: python -m videolavit <command> [options]   (--version: the installed version)\n")
     print("training (LightningCLI; see `python -m videolavit fit --help`):")
     for name, text in TRAINER_COMMANDS.items():
         print(f"  {name:<10} {text}")
@@ -39,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         _print_help()
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"videolavit {__version__}")
+        return 0
+    if not os.environ.get(SKIP_DEPENDENCY_CHECK):
+        try:
+            check_dependencies()
+        except DependencyError as error:
+            print(f"error: {error} (or set {SKIP_DEPENDENCY_CHECK}=1 to run anyway)", file=sys.stderr)
+            return 2
     if argv[0] in COMMANDS:
         return run_command(argv[0], argv[1:])
     if argv[0] not in TRAINER_COMMANDS:
