@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import av
+import numpy as np
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from callbacks.batch_measures import samples, tokens
 from callbacks.generation_metrics import VideoGenerationMetrics
-from callbacks.video_samples import VideoSampleLogger
+from callbacks.video_samples import VideoSampleLogger, filmstrip
 from tests.tiny_models import CLIP_IMAGE_SIZE, StyleGanVDetector, build_tiny_clip
 from videolavit.metrics.weights import MissingWeightsError
 
@@ -101,3 +104,51 @@ def test_missing_weights_name_the_option(tmp_path):
 def test_batch_measures():
     assert samples({"key": ["a", "b"], "motion": torch.zeros(2, 3)}) == 2
     assert tokens({"input_ids": torch.zeros(2, 5), "labels": torch.tensor([[1, -100, 2, -100, 3]] * 2)}) == 6
+
+
+class VideoPlayingLogger(Logger):
+    """A logger with a ``log_video`` method, as W&B's: it should receive the mp4 files."""
+
+    def __init__(self):
+        super().__init__()
+        self.videos = []
+
+    @property
+    def name(self):
+        return "videos"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_video(self, key, videos, step=None, **kwargs):
+        self.videos.append((key, list(videos), step, kwargs))
+
+
+def test_video_samples_reach_any_logger(tmp_path):
+    player = VideoPlayingLogger()
+    csv = CSVLogger(str(tmp_path), name="csv")
+    trainer = pl.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, logger=[csv, player],
+                         accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                         num_sanity_val_steps=0, callbacks=[VideoSampleLogger(num_videos=2)])
+    trainer.fit(ToyVideoStage(True), DataLoader(_video_batches(2), batch_size=None),
+                DataLoader(_video_batches(1), batch_size=None))
+    assert len(player.videos) == 1
+    key, files, step, extra = player.videos[0]
+    assert key == "samples" and step == 2 and extra["caption"] == ["a red circle moving left"] * 2
+    assert extra["format"] == ["mp4", "mp4"] and all(f.endswith(".mp4") and Path(f).is_file() for f in files)
+    assert len(list(Path(trainer.log_dir).rglob("samples/*.mp4"))) == 2  # written whatever the loggers are
+
+
+def test_filmstrip_takes_frames_evenly():
+    clip = np.stack([np.full((2, 3, 3), t, dtype=np.uint8) for t in range(24)])
+    strip = filmstrip(clip, max_frames=4)
+    assert strip.shape == (2, 12, 3)
+    assert [int(strip[0, 3 * i, 0]) for i in range(4)] == [0, 8, 15, 23]
+    assert filmstrip(clip[:2], max_frames=8).shape == (2, 6, 3)

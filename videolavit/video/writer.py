@@ -1,14 +1,12 @@
-"""Writing generated frames: playable H.264 mp4 files, and animated GIF bytes for TensorBoard."""
+"""Writing generated frames as playable H.264 mp4 files."""
 
 from __future__ import annotations
 
-import io
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image
 
 
 def _as_frames(frames: np.ndarray) -> np.ndarray:
@@ -38,12 +36,3 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 6, codec: str = "
         for packet in stream.encode(None):
             out.mux(packet)
     return path
-
-
-def encode_gif(frames: np.ndarray, fps: int = 6) -> bytes:
-    """Animated GIF of uint8 RGB frames [T, H, W, 3] (TensorBoard's image dashboard plays them)."""
-    frames = _as_frames(frames)
-    images = [Image.fromarray(f) for f in frames]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    return buffer.getvalue()
