@@ -85,8 +85,8 @@ def read_captions(path: str | Path, id_column: str | None = None, caption_column
                                      f"tried {list(options)}); pass {name}")
             return {str(row[id_col]).strip(): row[cap_col] for row in reader if row.get(cap_col)}
     except UnicodeDecodeError as exc:
-        raise InputError(f"captions file {path} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
-                         f"{exc.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+        raise InputError(f"captions file {path} is not UTF-8 (byte 0x{exc.object[exc.start]:02x}); convert it "
+                         "(e.g. iconv -f latin1 -t utf-8) and pass it as --captions") from None
     except csv.Error as exc:
         raise InputError(f"captions file {path} is not a readable CSV ({exc}); fix it or pass another --captions"
                          ) from None
