@@ -51,10 +51,6 @@ class Inputs:
     loose: list[str]
     tars: dict[str, int]
 
-    @property
-    def count(self) -> int:
-        return len(self.loose) + len(self.tars)
-
 
 @dataclass
 class Unit:
