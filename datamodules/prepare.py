@@ -320,8 +320,9 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             taken = locks.claim_units(u.index for u in mine)
             if taken is not None:
                 raise PrepareBusyError(f"another prepare is already working on --part {cfg.part}/{cfg.num_parts} "
-                                       f"of {out} (unit {plan['units'][taken]['name']}); wait for it to finish "
-                                       "or run another part (a killed run's locks are released by the OS)")
+                                       f"of {out}, or on a part overlapping it (unit {plan['units'][taken]['name']});"
+                                       " wait for it to finish or run another part (a killed run's locks are "
+                                       "released by the OS)")
         todo = [u for u in mine
                 if not _finished(out, _read_json(_marker_path(out, u.name)), config, plan["units"][u.index])]
         if len(todo) < len(mine):

@@ -65,8 +65,8 @@ class OutputLocks:
     def hold_shared(self) -> None:
         """Mark this run active for its whole duration (converts an exclusive hold)."""
         if not self._lock(fcntl.LOCK_SH, _ACTIVE):
-            raise PrepareBusyError(f"{self.path.parent.parent}: another prepare is changing the unit plan; "
-                                   "rerun when it has started")
+            raise PrepareBusyError(f"{self.path.parent.parent}: another prepare is changing its unit plan; "
+                                   "rerun when it has finished")
 
     def claim_units(self, indices: Iterable[int]) -> int | None:
         """Claim the units for this run; returns the first index another run holds (None: all claimed)."""
