@@ -4,9 +4,11 @@ complete manifest's shards. User errors are one line and exit 2."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from datamodules.video_datamodule import VideoDataModule
 from tests.prepare_crash import check_prepared, start, wait_for
 from tests.video_factory import write_audio_only
 from videolavit.__main__ import main
+from videolavit.video import errors
 
 
 @pytest.fixture
@@ -82,6 +85,33 @@ def test_removed_inputs_are_refused_unless_dropped(videos, synthetic_corpus, tmp
     manifest, sources = check_prepared(out)
     assert manifest["complete"] and set(sources) == _stems(videos) and set(sources.values()) == {1}
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(manifest["shards"])  # the dropped unit's are gone
+
+
+def _video2dataset_tar(path: Path, videos: list[Path], cut: float = 1.0) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for index, video in enumerate(videos):
+            for ext, data in (("mp4", video.read_bytes()), ("txt", f"caption {index}".encode())):
+                info = tarfile.TarInfo(f"{path.stem}{index:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+    path.write_bytes(data[: int(len(data) * cut)])
+
+
+def test_a_replaced_input_shard_is_redone_not_added(videos, tmp_path):
+    inputs, out = tmp_path / "v2d", tmp_path / "out"
+    inputs.mkdir()
+    clips = sorted(videos.glob("*.mp4"))
+    _video2dataset_tar(inputs / "a.tar", clips[:3])
+    _video2dataset_tar(inputs / "b.tar", clips[3:6], cut=0.8)  # a truncated download
+    first = run_prepare(PrepareConfig(videos=str(inputs), out=str(out), workers=1, progress=False))
+    assert first["skipped"] == {errors.TRUNCATED_SHARD: 1} and first["written"] == 5
+    _video2dataset_tar(inputs / "b.tar", clips[3:6])  # downloaded again, in full
+    second = run_prepare(PrepareConfig(videos=str(inputs), out=str(out), workers=1, progress=False))
+    manifest, sources = check_prepared(out)
+    assert second == manifest and manifest["skipped"] == {} and manifest["written"] == 6 == len(sources)
+    assert set(sources.values()) == {1} and manifest["input_files"] == 2
 
 
 def test_other_settings_are_refused(videos, synthetic_corpus, tmp_path):
