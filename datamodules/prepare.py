@@ -31,8 +31,8 @@ from typing import Iterator
 import webdataset as wds
 from tqdm import tqdm
 
-from datamodules.prepare_inputs import InputError, InputItem, Unit, iter_unit_items, list_inputs, read_bytes, \
-    read_captions, select_part
+from datamodules.prepare_inputs import InputError, InputItem, Inputs, Unit, iter_unit_items, list_inputs, \
+    read_bytes, read_captions, select_part
 from datamodules.prepare_locks import OutputLocks, PrepareBusyError
 from datamodules.prepare_plan import PLAN_FILE, describe_change, make_plan, plan_units, read_plan, unit_inputs
 from datamodules.sample_format import encode_sample, sanitize_key
@@ -241,7 +241,7 @@ def _remove_stale(out: Path, plan: dict) -> None:
     shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
 
 
-def _settle_plan(out: Path, inputs, cfg: PrepareConfig, config: dict, locks: OutputLocks) -> dict:
+def _settle_plan(out: Path, inputs: Inputs, cfg: PrepareConfig, config: dict, locks: OutputLocks) -> dict:
     """The stored plan when it still describes these inputs and settings, else a new one (only while no other
     run is active). Called holding the planning lock."""
     units_dir = out / UNITS_DIR
@@ -336,7 +336,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             pool = context.Pool(workers, maxtasksperchild=200)
         totals: Counter[str] = Counter()
         for unit in todo:
-            _prepare_unit(out, unit, plan["units"][unit.index], cfg, captions, inputs.base, pool, workers, config,
+            _prepare_unit(out, unit, plan["units"][unit.index], cfg, captions, inputs, pool, workers, config,
                           bar, totals)
         with locks.planning():
             manifest = write_manifest(out, plan)
@@ -352,12 +352,13 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     return manifest
 
 
-def _prepare_unit(out: Path, unit: Unit, record: dict, cfg: PrepareConfig, captions, base: Path, pool,
+def _prepare_unit(out: Path, unit: Unit, record: dict, cfg: PrepareConfig, captions, inputs: Inputs, pool,
                   workers: int, config: dict, bar, totals: Counter) -> None:
     writer = _UnitWriter(out, unit, cfg)
     skipped: Counter[str] = Counter()
     skipped_items, written = [], 0
-    jobs = ((item, cfg.decompose, cfg.allow_missing_captions) for item in iter_unit_items(unit, base, captions))
+    items = iter_unit_items(unit, inputs.base, captions, inputs.duplicates)
+    jobs = ((item, cfg.decompose, cfg.allow_missing_captions) for item in items)
     if pool is None:
         results = map(_decompose_item, jobs)
         semaphore = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from datamodules.sample_format import sanitize_key
 from videolavit.video.errors import TRUNCATED_SHARD
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
@@ -24,6 +25,7 @@ ID_COLUMNS = ("videoid", "video_id", "id", "YoutubeID", "youtube_id", "key", "fi
 CAPTION_COLUMNS = ("name", "caption", "Caption", "text", "title")
 SIDECAR_EXTENSIONS = {".txt", ".json"}
 NOT_A_VIDEO = "not_a_video"  # an input file whose extension is not a video's (e.g. audio-only .m4a)
+DUPLICATE_ID = "duplicate_id"  # a video whose sample key another input already has (clip.mp4 and clip.webm)
 
 
 class InputError(ValueError):
@@ -45,11 +47,13 @@ class InputItem:
 
 @dataclass
 class Inputs:
-    """Every input file under ``base``: loose files and tar shards (with their sizes), relative paths."""
+    """Every input file under ``base``: loose files and tar shards (with their sizes), relative paths.
+    ``duplicates``: loose videos whose sample key an earlier one (in sorted order, the value) already has."""
 
     base: Path
     loose: list[str]
     tars: dict[str, int]
+    duplicates: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,9 +130,16 @@ def list_inputs(videos: str | Path, exclude: Sequence[str | Path] = ()) -> Input
         raise InputError(f"no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) or .tar shards under {root}; "
                          "check --videos")
     stems = {p.with_suffix("") for p in loose_videos}
-    loose = [p for p in files if p.suffix != ".tar" and not _is_sidecar(p, stems)]
-    return Inputs(base=root, loose=[p.relative_to(root).as_posix() for p in loose],
-                  tars={p.relative_to(root).as_posix(): p.stat().st_size for p in tars})
+    loose = [p.relative_to(root).as_posix() for p in files if p.suffix != ".tar" and not _is_sidecar(p, stems)]
+    keys: dict[str, str] = {}
+    duplicates = {}
+    for rel in loose:
+        if _is_video(Path(rel)):
+            first = keys.setdefault(sanitize_key(rel.rsplit(".", 1)[0]), rel)
+            if first != rel:
+                duplicates[rel] = first
+    return Inputs(base=root, loose=loose, tars={p.relative_to(root).as_posix(): p.stat().st_size for p in tars},
+                  duplicates=duplicates)
 
 
 def select_part(units: list[Unit], part: int, num_parts: int) -> list[Unit]:
@@ -142,15 +153,21 @@ def _sidecar_caption(path: Path) -> str | None:
     return sidecar.read_bytes().decode("utf-8", "replace").strip() if sidecar.is_file() else None
 
 
-def iter_unit_items(unit: Unit, base: str | Path, captions: dict[str, str] | None) -> Iterator[InputItem]:
+def iter_unit_items(unit: Unit, base: str | Path, captions: dict[str, str] | None,
+                    duplicates: dict[str, str] | None = None) -> Iterator[InputItem]:
     """Yield the unit's inputs with their captions (``caption`` None when none was found); a loose file
-    that is not a video comes with its ``skip`` already set."""
+    that is not a video, or whose key an earlier video has (``duplicates``), comes with its ``skip`` set."""
     base = Path(base)
     for name in unit.files:
         path = Path(name)
         if not _is_video(path):
             rel = path.relative_to(base).as_posix()
             yield InputItem(source_id=rel, path=str(path), skip=(NOT_A_VIDEO, f"extension {path.suffix or '(none)'!r}"))
+            continue
+        if duplicates and path.relative_to(base).as_posix() in duplicates:
+            rel = path.relative_to(base).as_posix()
+            yield InputItem(source_id=rel, path=str(path),
+                            skip=(DUPLICATE_ID, f"same sample key as {duplicates[rel]}"))
             continue
         rel = path.relative_to(base).with_suffix("").as_posix()
         caption, source = None, None

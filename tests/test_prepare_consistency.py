@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.prepare import PrepareConfig, SettingsMismatchError, run_prepare
-from datamodules.prepare_inputs import NOT_A_VIDEO
+from datamodules.prepare_inputs import DUPLICATE_ID, NOT_A_VIDEO
 from datamodules.prepare_locks import PrepareBusyError
 from datamodules.prepare_plan import PlanError
 from datamodules.shard_list import ManifestError
@@ -168,12 +168,13 @@ def test_every_input_file_is_accounted_for(videos, synthetic_corpus, tmp_path):
     (videos / "sub" / "README").write_text("no extension")
     video = sorted(videos.glob("*.mp4"))[0]
     video.with_suffix(".txt").write_text("a sidecar caption: not an input of its own")
+    shutil.copy(video, video.with_suffix(".webm"))  # same sample key as the .mp4, which sorts first
     manifest = run_prepare(PrepareConfig(**_config(videos, tmp_path / "out", synthetic_corpus, videos_per_unit=4)))
-    assert manifest["skipped"] == {NOT_A_VIDEO: 3} and manifest["written"] == 8
-    assert manifest["inputs"] == manifest["input_files"] == 11 and manifest["complete"]
+    assert manifest["skipped"] == {NOT_A_VIDEO: 3, DUPLICATE_ID: 1} and manifest["written"] == 8
+    assert manifest["inputs"] == manifest["input_files"] == 12 and manifest["complete"]
     skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
-    assert sorted(s["id"] for s in skipped) == ["notes.md", "song.m4a", "sub/README"]
-    assert {s["reason"] for s in skipped} == {NOT_A_VIDEO}
+    assert {s["id"]: s["reason"] for s in skipped} == {"notes.md": NOT_A_VIDEO, "song.m4a": NOT_A_VIDEO,
+                                                       "sub/README": NOT_A_VIDEO, f"{video.stem}.webm": DUPLICATE_ID}
     assert check_prepared(tmp_path / "out")[1][video.stem] == 1
 
 
