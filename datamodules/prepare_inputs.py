@@ -117,12 +117,14 @@ def list_inputs(videos: str | Path, exclude: Sequence[str | Path] = ()) -> Input
             return Inputs(base=root.parent, loose=[root.name], tars={})
         raise InputError(f"{root} is neither a video file, a .tar shard nor a directory; check --videos")
     base = root.resolve()
-    skipped = [Path(p).resolve() for p in exclude]
-    skipped = [p.relative_to(base).parts for p in skipped if p == base or base in p.parents]
+    excluded = [Path(p).resolve() for p in exclude]
+    if any(p == base or p in base.parents for p in excluded):
+        raise InputError(f"--videos {root} is the output directory or lies inside it; pass another --out")
+    excluded_parts = [p.relative_to(base).parts for p in excluded if base in p.parents]
     files = []
     for path in sorted(root.rglob("*")):
         parts = path.relative_to(root).parts
-        if path.is_file() and not any(parts[:len(s)] == s for s in skipped):
+        if path.is_file() and not any(parts[:len(e)] == e for e in excluded_parts):
             files.append(path)
     tars = [p for p in files if p.suffix == ".tar"]
     loose_videos = {p for p in files if _is_video(p)}

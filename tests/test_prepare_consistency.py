@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.prepare import PrepareConfig, SettingsMismatchError, run_prepare
-from datamodules.prepare_inputs import DUPLICATE_ID, NOT_A_VIDEO
+from datamodules.prepare_inputs import DUPLICATE_ID, NOT_A_VIDEO, InputError
 from datamodules.prepare_locks import PrepareBusyError
 from datamodules.prepare_plan import PlanError
 from datamodules.shard_list import ManifestError
@@ -176,6 +176,15 @@ def test_every_input_file_is_accounted_for(videos, synthetic_corpus, tmp_path):
     assert {s["id"]: s["reason"] for s in skipped} == {"notes.md": NOT_A_VIDEO, "song.m4a": NOT_A_VIDEO,
                                                        "sub/README": NOT_A_VIDEO, f"{video.stem}.webm": DUPLICATE_ID}
     assert check_prepared(tmp_path / "out")[1][video.stem] == 1
+
+
+def test_an_output_directory_inside_the_inputs_is_not_read_as_input(videos, synthetic_corpus):
+    out = videos / "prepared"
+    first = run_prepare(PrepareConfig(**_config(videos, out, synthetic_corpus, videos_per_unit=3)))
+    again = run_prepare(PrepareConfig(**_config(videos, out, synthetic_corpus, videos_per_unit=3)))
+    assert first == again and again["input_files"] == 8 and again["written"] == 8
+    with pytest.raises(InputError, match="is the output directory or lies inside it; pass another --out"):
+        run_prepare(PrepareConfig(**_config(out, videos, synthetic_corpus)))
 
 
 def _keys(dm: VideoDataModule) -> set[str]:
