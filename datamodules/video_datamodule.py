@@ -74,18 +74,21 @@ class VideoDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers per rank (validation never uses more than its shards).
         seed: base seed of shard resampling and shuffling.
         val_batch_size: global validation batch size (default: ``batch_size``).
+        allow_incomplete: also read a prepared directory whose manifest is missing or incomplete (warns);
+            by default only a complete manifest's shards are read.
     """
 
     def __init__(self, train_shards: str | Sequence[str] | None = None, val_shards: str | Sequence[str] | None = None,
                  view: str | SampleView = "motion", batch_size: int = 32, samples_per_epoch: int = 10_000,
                  shuffle_buffer: int = 1000, num_workers: int = 2, seed: int = 0, val_batch_size: int | None = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, allow_incomplete: bool = False):
         super().__init__()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.view = build_view(view)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.samples_per_epoch, self.shuffle_buffer = samples_per_epoch, shuffle_buffer
         self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
+        self.allow_incomplete = allow_incomplete
         self._latest_skips: dict[str, dict[str, int]] = {}
         self._logged_skips: dict[str, int] = {}
         # Without a trainer (tests, scripts) the module acts as a single process.
@@ -108,7 +111,7 @@ class VideoDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         if self.train_shards is None:
             raise ValueError("VideoDataModule: set data.train_shards to fit")
-        urls = resolve_shards(self.train_shards)
+        urls = resolve_shards(self.train_shards, self.allow_incomplete)
         per_device = self.per_device_batch_size(self.batch_size)
         pipeline = wds.DataPipeline(
             wds.ResampledShards(urls, seed=self.seed, deterministic=True,
@@ -126,7 +129,7 @@ class VideoDataModule(pl.LightningDataModule):
         return loader.with_epoch(batches_per_rank).with_length(batches_per_rank, silent=True)
 
     def _eval_dataloader(self, shards) -> Any:
-        urls = resolve_shards(shards)
+        urls = resolve_shards(shards, self.allow_incomplete)
         mine, by_sample = split_by_rank(urls, self.rank, self.world_size)
         stages: list = [wds.SimpleShardList(mine)]
         workers = min(self.num_workers, len(mine))  # never more workers than shards

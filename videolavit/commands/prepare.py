@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="downscale videos whose shorter side exceeds this (0: never)")
     parser.add_argument("--max-seconds", type=float, default=d.max_seconds, help="cut longer videos (0: never)")
     parser.add_argument("--max-clips", type=int, default=d.max_clips, help="clips recorded per video")
+    parser.add_argument("--drop-removed", action="store_true",
+                        help="when input files of finished units are gone, redo those units without them "
+                             "(default: refuse, so a wrong --videos never deletes prepared shards)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                         workers=args.workers, part=args.part[0], num_parts=args.part[1],
                         videos_per_unit=args.videos_per_unit, max_shard_bytes=int(args.max_shard_mb * 2**20),
                         max_shard_samples=args.max_shard_samples, decompose=decompose,
-                        progress=False if args.no_progress else None)
+                        progress=False if args.no_progress else None, drop_removed=args.drop_removed)
     try:
         manifest = run_prepare(cfg)
     except InputError as exc:
@@ -66,5 +69,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     skipped = ", ".join(f"{k}={v}" for k, v in manifest["skipped"].items()) or "none"
     print(f"written {manifest['written']} samples in {len(manifest['shards'])} shards; skipped: {skipped}; "
-          f"{manifest['units_done']}/{manifest['units_total']} units done -> {args.out}/manifest.json")
+          f"{manifest['units_done']}/{manifest['units_total']} units done"
+          f"{'' if manifest['complete'] else ' (incomplete: run the other parts)'} -> {args.out}/manifest.json")
     return 0
