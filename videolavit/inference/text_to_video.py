@@ -101,6 +101,7 @@ class TextToVideo:
                 raise ExportError(f"no LLM export in {root} ({' or '.join(LLM_DIRECTORIES)}/); pass llm=DIR")
             llm = found[0]
         vocabulary = read_llm_vocabulary(llm)
+        motion_tokenizer = load_export(root, "motion_tokenizer", expected=MotionTokenizer)  # small: before the LLM
         keyframe_tokenizer = None
         if (root / "keyframe_tokenizer.json").is_file():  # only image-to-video needs it
             keyframe_tokenizer = load_keyframe_tokenizer(root, backbone_weights=keyframe_backbone_weights)
@@ -111,7 +112,7 @@ class TextToVideo:
         if unknown:
             raise TypeError(f"unknown generation options {unknown}; known: {sorted(known)}")
         return cls(load_llm(llm), load_text_tokenizer(llm, vocabulary), vocabulary,
-                   load_export(root, "motion_tokenizer", expected=MotionTokenizer), keyframe_tokenizer,
+                   motion_tokenizer, keyframe_tokenizer,
                    load_keyframe_detokenizer(_find_export(root, "keyframe_detokenizer")), video_detokenizer,
                    read_video_detokenizer_spec(video_dir), GenerationOptions(**options), device=device)
 
