@@ -34,7 +34,7 @@ from videolavit.models.export import (
 from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
 from videolavit.models.keyframe_tokenizer_export import init_backbone, load_keyframe_tokenizer, save_keyframe_tokenizer
 from videolavit.models.latent_space import build_latent_space
-from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
+from videolavit.models.motion_tokenizer import MotionTokenizer
 from videolavit.models.video_detokenizer import load_video_detokenizer
 
 MOTION = "videolavit.models.motion_tokenizer.MotionTokenizer"
