@@ -9,6 +9,7 @@ import sys
 
 from videolavit import __version__
 from videolavit.commands import COMMANDS
+from videolavit.commands.user_errors import UsageError, fail
 from videolavit.dependencies import DependencyError, check_dependencies
 
 SKIP_DEPENDENCY_CHECK = "VIDEOLAVIT_SKIP_DEPENDENCY_CHECK"
@@ -36,7 +37,10 @@ def run_command(name: str, argv: list[str]) -> int:
     module = importlib.import_module(COMMANDS[name])
     parser = argparse.ArgumentParser(prog=f"python -m videolavit {name}", description=module.HELP)
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(argv)) or 0)
+    try:
+        return int(module.run(parser.parse_args(argv)) or 0)
+    except UsageError as error:  # commands report their own; one that escapes is still one line, exit 2
+        return fail(error)
 
 
 def main(argv: list[str] | None = None) -> int:

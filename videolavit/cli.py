@@ -20,6 +20,9 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 
 
 class ConfigError(ValueError):
@@ -29,6 +32,16 @@ class ConfigError(ValueError):
 class VideoLavitCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         torch.set_float32_matmul_precision("high")
+
+    def instantiate_trainer(self, **kwargs):
+        """Checkpoints go through ``AtomicCheckpointIO`` (nothing left in $TMPDIR, normal permissions) unless the
+        config names its own CheckpointIO plugin."""
+        if "plugins" not in kwargs:
+            plugins = (self._get(self.config_init, "trainer", default={}) or {}).get("plugins")
+            plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):
+                kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def _check_resume(self) -> None:
         config = self.config[self.subcommand]

@@ -30,10 +30,22 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from videolavit.commands.user_errors import (
+    UsageError,
+    check_input_dir,
+    check_input_file,
+    check_output_file,
+    check_range,
+    fail,
+    read_text_file,
+)
+
 HELP = "answer questions about videos with a trained LLM (one question, or a QA file in batch)"
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
 VIDEO_NOT_FOUND = "video_not_found"
+MAX_NEW_TOKENS = 4096  # an answer longer than a Llama-2 context is a typo, not a request
+MAX_CLIPS = 64  # clips per video: 64 clips of 4 s are minutes of video, far beyond the contexts trained on
 
 AnswerFunction = Callable[[Path, Sequence[str]], list[str]]  # (video file, questions) -> answers
 
@@ -69,13 +81,15 @@ def read_eval_questions(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"QA file {path} does not exist")
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
+        items = json.loads(read_text_file("--qa-file", path))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of questions")
 
-    def first(item: dict, *keys: str):
+    def first(item, *keys: str):
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: every question must be a JSON object, got {type(item).__name__}")
         return next((item[k] for k in keys if k in item), None)
 
     questions = []
@@ -163,38 +177,56 @@ def format_summary(summary: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- command
-def run(args: argparse.Namespace) -> int:
-    from videolavit.inference.video_chat import ModelDirectoryError, TokenizerExportError, VideoChat, VideoInputError
-
+def check_arguments(args: argparse.Namespace) -> str:
+    """``"single"`` or ``"batch"``; raises :class:`UsageError` for a value that cannot work (before any loading)."""
     single = args.video is not None or args.question is not None
     batch = any(x is not None for x in (args.qa_file, args.videos, args.out))
     if single == batch or (single and (args.video is None or args.question is None)) or \
             (batch and None in (args.qa_file, args.videos, args.out)):
-        print("error: give either --video and --question, or --qa-file, --videos and --out", file=sys.stderr)
-        return 2
+        raise UsageError("give either --video and --question, or --qa-file, --videos and --out")
+    check_range("--max-new-tokens", args.max_new_tokens, 1, MAX_NEW_TOKENS)
+    check_range("--max-clips", args.max_clips, 1, MAX_CLIPS)
+    check_range("--temperature", args.temperature, 0, low_inclusive=False)
+    check_range("--top-p", args.top_p, 0, 1, low_inclusive=False)
+    if single:
+        check_input_file("--video", args.video, "video file")
+        return "single"
+    check_input_dir("--videos", args.videos, "directory of the videos the QA file names")
+    check_output_file("--out", args.out)
+    check_output_file("--out (its accuracy file)", accuracy_path(args.out))
+    return "batch"
+
+
+def run(args: argparse.Namespace) -> int:
+    from videolavit.inference.video_chat import ModelDirectoryError, TokenizerExportError, VideoChat, VideoInputError
+    from videolavit.models.export import ExportError
+
+    # Wrong or hostile exports (ExportError), a model directory that is not one, a tokenizer export that does
+    # not fit the LLM (ValueError): the user points at other files. A ValueError here is such a mismatch.
+    load_errors = (UsageError, ModelDirectoryError, TokenizerExportError, ExportError, FileNotFoundError, ValueError)
     try:
-        questions = read_eval_questions(args.qa_file) if batch else None
-        if batch and not Path(args.videos).is_dir():
-            raise FileNotFoundError(f"video directory {args.videos} does not exist")
-        if single and not Path(args.video).is_file():
-            raise FileNotFoundError(f"video not found: {args.video}")
+        mode = check_arguments(args)
+        questions = read_eval_questions(args.qa_file) if mode == "batch" else None
         chat = VideoChat(args.model, args.tokenizers, keyframe_source=args.keyframe_source,
                          keyframe_backbone_weights=args.keyframe_backbone_weights, template=args.template,
                          max_clips=args.max_clips, device=args.device, seed=args.seed)
-    except (ModelDirectoryError, TokenizerExportError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except load_errors as exc:
+        return fail(exc)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p)
-    if single:
+    if mode == "single":
         try:
             print(chat.answer(args.video, args.question, **options))
         except VideoInputError as exc:
-            print(f"error: {args.video}: {exc}", file=sys.stderr)
-            return 2
+            return fail(f"{args.video}: {exc}")
+        except load_errors as exc:  # the tokenizer exports load with the first video
+            return fail(exc)
         return 0
-    summary = answer_qa_file(questions, args.videos, args.out,
-                             lambda path, qs: chat.answer_many(path, qs, **options))
+    try:
+        summary = answer_qa_file(questions, args.videos, args.out,
+                                 lambda path, qs: chat.answer_many(path, qs, **options))
+    except load_errors as exc:
+        return fail(exc)
     print(format_summary(summary))
     if summary["accuracy"] is not None:
         accuracy_path(args.out).write_text(json.dumps(summary, indent=2))

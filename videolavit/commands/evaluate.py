@@ -13,11 +13,11 @@ import argparse
 import importlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
+from videolavit.commands.user_errors import UsageError, check_output_dir, check_output_file, check_range, fail
 from videolavit.evaluation.protocols import PROTOCOLS, ProtocolLayoutError, read_protocol, ucf101_real_videos
 from videolavit.evaluation.run import (
     METRIC_TITLES,
@@ -141,26 +141,42 @@ def _reader_options(args: argparse.Namespace) -> dict:
     return {}
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise :class:`UsageError` for a count or output that cannot work, before anything is loaded or scored."""
+    check_range("--batch-size", args.batch_size, 1)
+    check_range("--limit", args.limit, 1)
+    check_range("--save-fps", args.save_fps, 1, 240)
+    check_range("--real-frames", args.real_frames, 1)
+    check_range("--real-fps", args.real_fps, 0, low_inclusive=False)
+    check_range("--real-short-side", args.real_short_side, 1)
+    check_range("--decode-workers", args.decode_workers, 1)
+    check_range("--fvd-frames", args.fvd_frames, 1)
+    check_range("--fvd-resolution", args.fvd_resolution, 1)
+    check_range("--fid-frames-per-video", args.fid_frames_per_video, 1)
+    check_range("--is-splits", args.is_splits, 1)
+    check_range("--videos-per-class", args.videos_per_class, 1)
+    check_output_file("--out", args.out)
+    if args.real_stats_dir:
+        check_output_dir("--real-stats-dir", args.real_stats_dir)
+    if args.save_videos:
+        check_output_dir("--save-videos", args.save_videos)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.protocol not in PROTOCOLS:
-        return _fail(f"unknown --protocol '{args.protocol}'; choose one of {list(PROTOCOLS)}")
+        return fail(f"unknown --protocol '{args.protocol}'; choose one of {list(PROTOCOLS)}")
     given = [name for name in PROTOCOL_METRICS[args.protocol] if getattr(args, METRIC_WEIGHTS[name]) is not None]
     if not given:
-        return _fail(f"no metric weights given for --protocol {args.protocol}: pass at least one of "
+        return fail(f"no metric weights given for --protocol {args.protocol}: pass at least one of "
                      f"{protocol_weight_flags(args.protocol)}")
-    if args.limit is not None and args.limit < 1:
-        return _fail(f"--limit must be positive, got {args.limit}")
-    if args.batch_size < 1:
-        return _fail(f"--batch-size must be positive, got {args.batch_size}")
     root = Path(args.root).expanduser()
     if not root.exists():
-        return _fail(f"--root '{root}' does not exist")
+        return fail(f"--root '{root}' does not exist")
+    try:
+        check_arguments(args)
+    except UsageError as error:
+        return fail(error)
     try:
         items = read_protocol(args.protocol, root, limit=args.limit, **_reader_options(args))
         real_videos = ucf101_real_videos(root) if args.protocol == "ucf101" and args.ucf_real == "all" else None
@@ -173,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = build_metrics(args.protocol, metric_settings)
         generate = load_generator(args.pipeline, args)
     except (ProtocolLayoutError, MissingWeightsError, PipelineUnavailableError, ValueError) as error:
-        return _fail(str(error))
+        return fail(str(error))
     out = Path(args.out)
     stats_dir = Path(args.real_stats_dir) if args.real_stats_dir else out.parent / "real_stats"
     print(f"{args.protocol}: {len(items)} prompts, {sum(i.real_video is not None for i in items)} paired real "
@@ -189,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
                             "pipeline_options": dict(args.pipeline_option)},
             built_metrics=metrics)
     except EvaluationError as error:
-        return _fail(str(error))
+        return fail(str(error))
     values = ", ".join(f"{k}={v:.4g}" for k, v in report["metrics"].items())
     print(f"{values}; {report['skipped']['real_videos']} real videos skipped; "
           f"{report['wall_time_s']:.1f} s -> {out}")

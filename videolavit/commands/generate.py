@@ -10,11 +10,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from videolavit.commands.user_errors import (
+    UsageError,
+    check_input_file,
+    check_output_dir,
+    check_output_file,
+    check_range,
+    fail,
+    read_text_file,
+)
+
 HELP = "generate videos from text (or an image + text) with the trained exports; writes mp4 files"
+MAX_CLIPS = 100  # chained 4 s clips: beyond this a typo, not a video (each clip is a full g_I + g_V pass)
+MAX_STEPS = 1000  # sampler steps: the diffusion schedules have 1000 training timesteps
+MAX_FPS = 240
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,12 +60,43 @@ def _load_image(path: str):
     import torch
     from PIL import Image, UnidentifiedImageError
 
+    check_input_file("--image", path, "image file")
     try:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
-    except (FileNotFoundError, UnidentifiedImageError) as exc:
-        raise ValueError(f"cannot read --image {path}: {exc}") from None
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UsageError(f"cannot read --image {path} as an image: {exc}") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[list[str], list[Path]]:
+    """``(prompts, output paths)``; raises :class:`UsageError` for a value that cannot work, before any loading."""
+    if args.prompt is not None and not args.out:
+        raise UsageError("--prompt needs --out FILE.mp4")
+    if args.prompts_file is not None and not args.out_dir:
+        raise UsageError("--prompts-file needs --out-dir DIR")
+    check_range("--clips", args.clips, 1, MAX_CLIPS)
+    check_range("--video-steps", args.video_steps, 1, MAX_STEPS)
+    check_range("--keyframe-steps", args.keyframe_steps, 1, MAX_STEPS)
+    check_range("--fps", args.fps, 1, MAX_FPS)
+    check_range("--temperature", args.temperature, 0)
+    check_range("--keyframe-temperature", args.keyframe_temperature, 0)
+    check_range("--keyframe-guidance", args.keyframe_guidance)
+    check_range("--motion-guidance", args.motion_guidance)
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UsageError("--prompt is empty; give the text to generate from")
+        if Path(args.out).suffix.lower() != ".mp4":
+            raise UsageError(f"--out {args.out} must end in .mp4 (the command writes mp4 files)")
+        if args.out_dir:
+            check_output_dir("--out-dir", args.out_dir)  # generated.jsonl goes there
+        return [args.prompt], [check_output_file("--out", args.out)]
+    prompts = [line.strip() for line in read_text_file("--prompts-file", args.prompts_file).splitlines()
+               if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts-file {args.prompts_file} holds no prompt (one per line)")
+    out_dir = check_output_dir("--out-dir", args.out_dir)
+    return prompts, [out_dir / f"clip_{i:04d}.mp4" for i in range(len(prompts))]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,18 +106,8 @@ def run(args: argparse.Namespace) -> int:
     from videolavit.video.motion_direction import motion_field_direction
     from videolavit.video.writer import write_mp4
 
-    if args.prompt is not None and not args.out:
-        print("error: --prompt needs --out FILE.mp4", file=sys.stderr)
-        return 2
-    if args.prompts_file is not None and not args.out_dir:
-        print("error: --prompts-file needs --out-dir DIR", file=sys.stderr)
-        return 2
-    if args.clips < 1:
-        print("error: --clips must be at least 1", file=sys.stderr)
-        return 2
     try:
-        prompts = [args.prompt] if args.prompt is not None else [
-            line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        prompts, outputs = check_arguments(args)
         image = _load_image(args.image) if args.image else None
         pipeline = TextToVideo.from_directory(
             args.exports, llm=args.llm, device=args.device, video_steps=args.video_steps,
@@ -82,11 +115,11 @@ def run(args: argparse.Namespace) -> int:
             motion_guidance=args.motion_guidance, temperature=args.temperature,
             keyframe_temperature=args.keyframe_temperature,
             long_video_start=args.long_video_start)
-    except (ExportError, ModelDirectoryError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    outputs = [Path(args.out)] if args.prompt is not None else [
-        Path(args.out_dir) / f"clip_{i:04d}.mp4" for i in range(len(prompts))]
+        if image is not None and pipeline.keyframe_tokenizer is None:
+            raise UsageError(f"--image needs the keyframe_tokenizer export in --exports {args.exports} "
+                             "(image-to-video tokenises the image)")
+    except (UsageError, ExportError, ModelDirectoryError, FileNotFoundError, ValueError) as exc:
+        return fail(exc)
     records = []
     for index, (prompt, out) in enumerate(zip(prompts, outputs)):
         start = time.time()

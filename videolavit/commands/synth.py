@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from videolavit.commands.user_errors import UsageError, check_range, fail
+
+MAX_VIDEOS = 10_000_000  # beyond any disk: a typo
 HELP = "generate the synthetic moving-shapes corpus (mp4 + captions.csv + qa.json + metadata.jsonl)"
 
 
@@ -30,6 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from videolavit.synth.moving_shapes import CorpusExistsError, generate_corpus, parse_size
 
     try:
+        check_range("--num-videos", args.num_videos, 1, MAX_VIDEOS)
+        check_range("--seed", args.seed, 0)
+        check_range("--fps", args.fps, 1, 240)
+        check_range("--seconds", args.seconds, 0, 3600, low_inclusive=False)
+        check_range("--workers", args.workers, 1, 256)
+        check_range("--stills-per-video", args.stills_per_video, 0, 1000)
         size = parse_size(args.size)
         with tqdm(total=args.num_videos, unit="video", disable=not sys.stderr.isatty()) as bar:
             specs = generate_corpus(
@@ -37,9 +46,8 @@ def run(args: argparse.Namespace) -> int:
                 workers=args.workers, overwrite=args.overwrite, progress=bar.update,
                 stills_per_video=args.stills_per_video,
             )  # fmt: skip
-    except (ValueError, PermissionError, CorpusExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError, OSError, CorpusExistsError) as error:
+        return fail(error)
     geometry = f"{size[0]}x{size[1]}, {args.fps} fps, {specs[0].duration_s:g} s"
     stills = f" and {args.stills_per_video} stills per video" if args.stills_per_video else ""
     print(f"wrote {len(specs)} videos ({geometry}){stills} to {args.out}")

@@ -32,6 +32,7 @@ from videolavit.models.export import ExportError, load_export
 from videolavit.models.keyframe_detokenizer import load_keyframe_detokenizer
 from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
 from videolavit.models.latent_space import build_latent_space, images_to_uint8, images_to_unit_range
+from videolavit.models.motion_tokenizer import MotionTokenizer
 from videolavit.models.video_detokenizer import load_video_detokenizer, read_video_detokenizer_spec
 
 # The release generates with its pre-trained LLM; instruction tuning on conversations alone (ours too) erodes
@@ -100,6 +101,7 @@ class TextToVideo:
                 raise ExportError(f"no LLM export in {root} ({' or '.join(LLM_DIRECTORIES)}/); pass llm=DIR")
             llm = found[0]
         vocabulary = read_llm_vocabulary(llm)
+        motion_tokenizer = load_export(root, "motion_tokenizer", expected=MotionTokenizer)  # small: before the LLM
         keyframe_tokenizer = None
         if (root / "keyframe_tokenizer.json").is_file():  # only image-to-video needs it
             keyframe_tokenizer = load_keyframe_tokenizer(root, backbone_weights=keyframe_backbone_weights)
@@ -110,7 +112,7 @@ class TextToVideo:
         if unknown:
             raise TypeError(f"unknown generation options {unknown}; known: {sorted(known)}")
         return cls(load_llm(llm), load_text_tokenizer(llm, vocabulary), vocabulary,
-                   load_export(root, "motion_tokenizer"), keyframe_tokenizer,
+                   motion_tokenizer, keyframe_tokenizer,
                    load_keyframe_detokenizer(_find_export(root, "keyframe_detokenizer")), video_detokenizer,
                    read_video_detokenizer_spec(video_dir), GenerationOptions(**options), device=device)
 

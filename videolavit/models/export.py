@@ -2,7 +2,12 @@
 
 Exports are how stages hand weights to each other and to inference without Lightning: the JSON
 names the model class and its constructor config, the safetensors file holds tensors only, so
-loading never unpickles arbitrary objects.
+loading never unpickles arbitrary objects. An export directory may come from anyone, so the class
+the JSON names is looked up in :data:`EXPORTABLE` (the project's own exportable models and their config
+dataclasses), never imported by name: a JSON naming anything else is an :class:`UnregisteredClassError`,
+and the config is plain JSON data given to the registered config dataclass. Nothing non-finite is ever
+written (a NaN model must not replace a good export), and files are written atomically
+(``videolavit.atomic_files``) with normal permissions.
 """
 
 from __future__ import annotations
@@ -14,82 +19,180 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from videolavit.atomic_files import atomic_file, write_text_atomic
+
 FORMAT_VERSION = 1
+
+# class_path -> config_class of every model an export may hold. Listed by name (not imported here) because
+# the model modules import this one; only these modules are ever imported by the loader.
+EXPORTABLE: dict[str, str] = {
+    "videolavit.models.eva_vit.EvaViT": "videolavit.models.eva_vit.EvaViTConfig",
+    "videolavit.models.keyframe_detokenizer.KeyframeDetokenizer":
+        "videolavit.models.keyframe_detokenizer.KeyframeDetokenizerConfig",
+    "videolavit.models.keyframe_feature_decoder.KeyframeFeatureDecoder":
+        "videolavit.models.keyframe_feature_decoder.KeyframeFeatureDecoderConfig",
+    "videolavit.models.keyframe_tokenizer.KeyframeTokenizer":
+        "videolavit.models.keyframe_tokenizer.KeyframeTokenizerConfig",
+    "videolavit.models.motion_condition_encoder.MotionConditionEncoder":
+        "videolavit.models.motion_condition_encoder.MotionConditionEncoderConfig",
+    "videolavit.models.motion_tokenizer.MotionTokenizer": "videolavit.models.motion_tokenizer.MotionTokenizerConfig",
+    "videolavit.models.video_detokenizer.VideoDetokenizer": "videolavit.models.video_detokenizer.VideoDetokenizerConfig",
+}
 
 
 class ExportError(RuntimeError):
     """An export directory is missing, incomplete, or does not match the model it is loaded into."""
 
 
+class UnregisteredClassError(ExportError):
+    """An export names a model or config class that is not one of the project's exportable classes."""
+
+
+class NonFiniteExportError(ExportError):
+    """A model with NaN/Inf tensors was about to be exported (nothing was written)."""
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _registered(path: str) -> type:
+    """The class ``path`` names; only called with names from :data:`EXPORTABLE`."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def exportable_classes(model_path: Any, config_path: Any, source: str) -> tuple[type, type]:
+    """``(model class, config dataclass)`` for the names an export records, or :class:`UnregisteredClassError`."""
+    allowed = ", ".join(sorted(EXPORTABLE))
+    if not isinstance(model_path, str) or model_path not in EXPORTABLE:
+        raise UnregisteredClassError(f"{source} names class_path {model_path!r}, which is not an exportable "
+                                     f"videolavit model; allowed: {allowed}")
+    expected_config = EXPORTABLE[model_path]
+    if config_path is not None and config_path != expected_config:
+        raise UnregisteredClassError(f"{source} names config_class {config_path!r} for {model_path}; the only "
+                                     f"config class it takes is {expected_config}")
+    return _registered(model_path), _registered(expected_config)
+
+
+def check_export_class(meta: dict, expected: type, source: str) -> None:
+    """Raise unless ``meta`` names a registered class that is ``expected`` (or a subclass), with its own config."""
+    cls, _ = exportable_classes(meta.get("class_path"), meta.get("config_class"), source)
+    if not issubclass(cls, expected):
+        raise ExportError(f"{source} holds a {cls.__name__}, not a {expected.__name__}")
+
+
 def _config_to_dict(config: Any) -> dict:
-    if dataclasses.is_dataclass(config):
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return dataclasses.asdict(config)
     if isinstance(config, dict):
         return dict(config)
     raise TypeError(f"export config must be a dataclass or dict, got {type(config).__name__}")
 
 
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` holding a NaN or an infinity."""
+    return sorted(k for k, v in state.items()
+                  if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()))
+
+
+def write_export(directory: str | Path, name: str, state: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write ``state`` as ``{name}.safetensors`` and ``meta`` as ``{name}.json`` in ``directory``, each atomically.
+
+    Refuses (:class:`NonFiniteExportError`, nothing written or replaced) when a tensor is not finite.
+    Returns the weights path.
+    """
+    directory = Path(directory)
+    bad = non_finite_tensors(state)
+    if bad:
+        raise NonFiniteExportError(
+            f"refusing to export '{name}' to {directory}: {len(bad)} tensor(s) hold NaN or Inf ({', '.join(bad[:8])}"
+            f"{', ...' if len(bad) > 8 else ''}); the previous export, if any, is left as it was")
+    text = json.dumps(meta, indent=2, sort_keys=True)  # before writing anything: a record that is not JSON fails here
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f"{name}.safetensors"
+    with atomic_file(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": "videolavit", "name": name})
+    write_text_atomic(directory / f"{name}.json", text)
+    return weights
+
+
 def save_export(module: torch.nn.Module, directory: str | Path, name: str, config: Any,
                 extra: dict | None = None) -> Path:
     """Write ``{directory}/{name}.safetensors`` and ``{directory}/{name}.json``; returns the weights path.
 
-    ``module`` must be constructible as ``type(module)(config_class(**config))`` or
-    ``type(module)(**config)``; the class path is recorded so ``load_export`` can rebuild it.
+    ``module`` must be one of :data:`EXPORTABLE`, constructible as ``type(module)(config_class(**config))``;
+    its class path is recorded so ``load_export`` can rebuild it.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    weights = directory / f"{name}.safetensors"
-    save_file(state, str(weights), metadata={"format": "videolavit", "name": name})
     cls = type(module)
+    model_path = class_path(cls)
+    _, config_cls = exportable_classes(model_path, None, f"save_export('{name}')")
+    if dataclasses.is_dataclass(config) and not isinstance(config, config_cls):
+        raise UnregisteredClassError(f"save_export('{name}'): {model_path} takes a {class_path(config_cls)}, "
+                                     f"got a {class_path(type(config))}")
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     meta = {
         "format_version": FORMAT_VERSION,
-        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "class_path": model_path,
         "config": _config_to_dict(config),
+        "config_class": class_path(config_cls),
     }
-    if dataclasses.is_dataclass(config):
-        meta["config_class"] = f"{type(config).__module__}.{type(config).__qualname__}"
     if extra:
         meta["extra"] = extra
-    (directory / f"{name}.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return weights
-
-
-def _import(path: str) -> Any:
-    module, _, attr = path.rpartition(".")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return write_export(directory, name, state, meta)
 
 
 def read_export(directory: str | Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Return ``(state_dict, meta)`` of an export without building the model."""
+    """Return ``(state_dict, meta)`` of an export without building the model.
+
+    Missing, unreadable or truncated files are :class:`ExportError` naming the file; ``meta`` is a JSON
+    object whose ``config`` (if any) is a JSON object.
+    """
     directory = Path(directory)
     weights, meta_path = directory / f"{name}.safetensors", directory / f"{name}.json"
     for path in (weights, meta_path):
         if not path.is_file():
             raise ExportError(f"export '{name}' is incomplete: {path} does not exist")
-    meta = json.loads(meta_path.read_text())
-    return load_file(str(weights)), meta
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise ExportError(f"export '{name}': cannot read {meta_path} as JSON ({exc}); re-export it") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
+        raise ExportError(f"export '{name}': {meta_path} is not an export record (a JSON object with a 'config' "
+                          "object); re-export it")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ExportError(f"export '{name}': {weights} is truncated or not a safetensors file ({exc}); "
+                          "re-export it") from None
+    return state, meta
 
 
-def load_export(directory: str | Path, name: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the exported module from its JSON config and load its weights strictly."""
+def load_export(directory: str | Path, name: str, map_location: str | torch.device = "cpu",
+                expected: type | None = None) -> torch.nn.Module:
+    """Rebuild the exported module from its JSON config and load its weights strictly.
+
+    Only classes of :data:`EXPORTABLE` are built; ``expected`` additionally requires that class (or a subclass).
+    """
     state, meta = read_export(directory, name)
-    cls = _import(meta["class_path"])
-    config = meta["config"]
-    if "config_class" in meta:
-        config_cls = _import(meta["config_class"])
-        model = cls(config_cls(**config))
-    else:
-        model = cls(**config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    source = f"export '{name}' in {directory}"
+    cls, config_cls = exportable_classes(meta.get("class_path"), meta.get("config_class"), source)
+    if expected is not None:
+        check_export_class(meta, expected, source)
+    try:
+        model = cls(config_cls(**meta.get("config", {})))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ExportError(f"{source}: its config does not build a {cls.__name__} ({exc}); re-export it") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise ExportError(f"{source} does not match {meta['class_path']}: {exc}") from None
     if missing or unexpected:
         raise ExportError(
-            f"export '{name}' in {directory} does not match {meta['class_path']}: "
+            f"{source} does not match {meta['class_path']}: "
             f"missing={sorted(missing)[:8]} unexpected={sorted(unexpected)[:8]}"
         )
     return model.to(map_location)

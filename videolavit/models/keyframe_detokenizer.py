@@ -53,7 +53,7 @@ from videolavit.diffusion.edm import DiffusionLoss
 from videolavit.diffusion.guidance import ConstantGuidance, GuidedDenoiser, unconditional
 from videolavit.diffusion.samplers import EulerSampler, KarrasSchedule, initial_latents
 from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
-from videolavit.models.export import ExportError, read_export, save_export
+from videolavit.models.export import ExportError, check_export_class, read_export, save_export
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoder, KeyframeFeatureDecoderConfig
 from videolavit.models.keyframe_unet import KeyframeUNet, KeyframeUNetConfig, time_ids
 from videolavit.models.vector_quantizer import Codebook
@@ -363,10 +363,15 @@ def load_keyframe_detokenizer(directory: str | Path, name: str = EXPORT_NAME,
     ``model.latent_space_spec`` says which latent space its latents live in; ``build_latent_space`` makes it.
     """
     state, meta = read_export(directory, name)
-    if "latent_space" not in meta.get("extra", {}):
+    source = f"export '{name}' in {directory}"
+    check_export_class(meta, KeyframeDetokenizer, source)
+    if not isinstance((meta.get("extra") or {}).get("latent_space"), dict):
         raise ExportError(f"{directory}/{name}.json records no latent space: not a keyframe detokenizer export")
-    model = KeyframeDetokenizer(KeyframeDetokenizerConfig(**meta["config"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = KeyframeDetokenizer(KeyframeDetokenizerConfig(**meta.get("config", {})))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ExportError(f"{source} does not build the keyframe detokenizer: {exc}") from None
     if missing or unexpected:
         raise ExportError(f"export '{name}' in {directory} does not match the keyframe detokenizer: "
                           f"missing={sorted(missing)[:8]} unexpected={sorted(unexpected)[:8]}")

@@ -33,16 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from videolavit.models.eva_vit import EvaViT, EvaViTConfig
-from videolavit.models.export import FORMAT_VERSION, ExportError, read_export
+from videolavit.models.export import (FORMAT_VERSION, ExportError, check_export_class, class_path, read_export,
+                                      write_export)
 from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
 
 EXPORT_NAME = "keyframe_tokenizer"
@@ -125,27 +124,23 @@ def trainable_state(model: KeyframeTokenizer) -> dict[str, torch.Tensor]:
 def save_keyframe_tokenizer(model: KeyframeTokenizer, directory: str | Path, backbone: BackboneSource,
                             name: str = EXPORT_NAME) -> Path:
     """Write ``{name}.safetensors`` (no ``encoder.`` tensors) and ``{name}.json``; returns the weights path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / f"{name}.safetensors"
-    save_file(trainable_state(model), str(weights), metadata={"format": "videolavit", "name": name})
     config = model.config
     meta = {
         "format_version": FORMAT_VERSION,
-        "class_path": f"{KeyframeTokenizer.__module__}.{KeyframeTokenizer.__qualname__}",
-        "config_class": f"{type(config).__module__}.{type(config).__qualname__}",
+        "class_path": class_path(KeyframeTokenizer),
+        "config_class": class_path(type(config)),
         "config": dataclasses.asdict(config),
         "extra": {"backbone": backbone.to_json()},
     }
-    (directory / f"{name}.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return weights
+    return write_export(directory, name, trainable_state(model), meta)
 
 
 def read_keyframe_tokenizer(directory: str | Path, name: str = EXPORT_NAME
                             ) -> tuple[dict[str, torch.Tensor], KeyframeTokenizerConfig, dict]:
     """``(trained tensors, config, backbone record)`` of an export, without building the model."""
     state, meta = read_export(directory, name)
-    backbone = meta.get("extra", {}).get("backbone")
+    check_export_class(meta, KeyframeTokenizer, f"export '{name}' in {directory}")
+    backbone = (meta.get("extra") or {}).get("backbone")
     if backbone is None:
         raise ExportError(f"{directory}/{name}.json has no extra.backbone record: not a keyframe tokenizer export "
                           "written by save_keyframe_tokenizer")
@@ -153,7 +148,11 @@ def read_keyframe_tokenizer(directory: str | Path, name: str = EXPORT_NAME
     if leaked:
         raise ExportError(f"{directory}/{name}.safetensors holds backbone tensors {leaked[:4]}; exports keep the "
                           "backbone in its own file")
-    return state, KeyframeTokenizerConfig(**meta["config"]), backbone
+    try:
+        config = KeyframeTokenizerConfig(**meta.get("config", {}))
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{directory}/{name}.json: its config does not build a keyframe tokenizer ({exc})") from None
+    return state, config, backbone
 
 
 def load_trained_parts(model: KeyframeTokenizer, state: dict[str, torch.Tensor], source: str = "export") -> None:

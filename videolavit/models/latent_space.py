@@ -8,7 +8,6 @@ variance (the VAE's ``scaling_factor``), which is what the EDM preconditioning's
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
@@ -127,15 +126,20 @@ def latent_space_spec(space: LatentSpace) -> dict:
 
 def build_latent_space(spec: dict, **overrides) -> LatentSpace:
     """A frozen latent space from ``latent_space_spec``'s record (or a YAML ``class_path``/``init_args`` dict);
-    ``overrides`` replace init args (e.g. ``path=`` where the VAE lives elsewhere on this machine). Only
-    ``LatentSpace`` classes are built."""
+    ``overrides`` replace init args (e.g. ``path=`` where the VAE lives elsewhere on this machine). Only the
+    classes of :data:`LATENT_SPACES` are built: exports record this dict, and an export's JSON must never
+    choose which code is imported."""
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"a latent space config is {{'class_path': ..., 'init_args': {{...}}}}, got {spec!r}")
-    module, _, name = str(spec["class_path"]).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"latent space class {spec['class_path']!r} cannot be imported: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, LatentSpace)):
-        raise ValueError(f"{spec['class_path']} is not a videolavit LatentSpace")
-    return cls(**{**(spec.get("init_args") or {}), **overrides}).requires_grad_(False).eval()
+    cls = LATENT_SPACES.get(str(spec["class_path"]))
+    if cls is None:
+        raise ValueError(f"latent space class {spec['class_path']!r} is not a videolavit LatentSpace and cannot be "
+                         f"imported from a config; allowed: {', '.join(sorted(LATENT_SPACES))}")
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise ValueError(f"latent space init_args must be a mapping, got {init_args!r}")
+    return cls(**{**init_args, **overrides}).requires_grad_(False).eval()
+
+
+LATENT_SPACES: dict[str, type[LatentSpace]] = {
+    f"{cls.__module__}.{cls.__qualname__}": cls for cls in (PixelSpace, VaeLatentSpace)}

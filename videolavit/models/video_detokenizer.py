@@ -261,10 +261,17 @@ def read_video_detokenizer_spec(directory: str | Path) -> VideoDetokenizerSpec:
     path = Path(directory) / f"{EXPORT_NAME}.json"
     if not path.is_file():
         raise ExportError(f"export '{EXPORT_NAME}' is incomplete: {path} does not exist")
-    spec = (json.loads(path.read_text()).get("extra") or {}).get("spec")
-    if spec is None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ExportError(f"export '{EXPORT_NAME}': cannot read {path} as JSON ({exc}); re-export it") from None
+    spec = (record.get("extra") or {}).get("spec") if isinstance(record, dict) else None
+    if not isinstance(spec, dict):
         raise ExportError(f"export '{EXPORT_NAME}' in {directory} records no spec (latent space, frame size, ...)")
-    return VideoDetokenizerSpec(**spec)
+    try:
+        return VideoDetokenizerSpec(**spec)
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"export '{EXPORT_NAME}' in {directory}: its spec is not a VideoDetokenizerSpec ({exc})") from None
 
 
 def load_video_detokenizer(directory: str | Path, map_location: str | torch.device = "cpu"
@@ -275,8 +282,5 @@ def load_video_detokenizer(directory: str | Path, map_location: str | torch.devi
     ``read_video_detokenizer_spec(directory)``.
     """
     spec = read_video_detokenizer_spec(directory)
-    model = load_export(directory, EXPORT_NAME, map_location=map_location)
-    if not isinstance(model, VideoDetokenizer):
-        raise ExportError(f"export '{EXPORT_NAME}' in {directory} holds a {type(model).__name__}, "
-                          "not a VideoDetokenizer")
+    model = load_export(directory, EXPORT_NAME, map_location=map_location, expected=VideoDetokenizer)
     return model.eval(), dict(spec.latent_space)
