@@ -110,4 +110,4 @@ def test_cli_writes_stills_and_rejects_a_negative_count(tmp_path):
     assert "2 stills per video" in done.stdout
     assert len((tmp_path / "c" / IMAGE_TEXT_FILE).read_text().splitlines()) == 4
     bad = subprocess.run([*cmd[:-1], "-1"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "stills_per_video must be >= 0" in bad.stderr
+    assert bad.returncode == 2 and "--stills-per-video must be >= 0" in bad.stderr
