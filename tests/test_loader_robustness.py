@@ -221,6 +221,14 @@ def test_a_skip_after_a_workers_last_batch_is_still_reported(tmp_path, workers):
     assert dm.skipped == {errors.CORRUPT_SAMPLE: 1}
 
 
+def test_a_worker_that_never_yields_a_batch_still_reports_its_skips(tmp_path):
+    good = write_shard(tmp_path / "a.tar", [make_sample(f"v{i}", seed=i) for i in range(4)])
+    bad = write_shard(tmp_path / "b.tar", [broken_json(f"b{i}") for i in range(3)])
+    dm = motion_dm(val_shards=[good, bad], batch_size=2, num_workers=2)  # worker 1 reads only the bad shard
+    assert sorted(val_keys(dm)) == ["v0", "v1", "v2", "v3"]
+    assert dm.skipped == {errors.CORRUPT_SAMPLE: 3}
+
+
 # ---- defect 8: a reproducible training shuffle -----------------------------------------------------
 def _train_shards(tmp_path: Path) -> list[str]:
     return [good_shard(tmp_path / f"t{s}.tar", f"t{s}_", 6, seed=s) for s in range(4)]
@@ -239,6 +247,17 @@ def test_two_fresh_loaders_with_the_same_seed_give_the_same_batches(tmp_path):
         assert _first_batches(shards, seed=1, num_workers=workers) != first
     by_worker = _first_batches(shards, n=2, seed=0, num_workers=2)
     assert by_worker[0][0] != by_worker[1][0]  # each worker draws its own stream
+
+
+def test_each_rank_draws_its_own_stream(tmp_path):
+    shards = _train_shards(tmp_path)
+    streams = []
+    for rank in (0, 1):
+        dm = motion_dm(train_shards=shards, batch_size=8, samples_per_epoch=32, shuffle_buffer=8, seed=0,
+                       num_workers=0)
+        dm.rank, dm.world_size = rank, 2
+        streams.append([tuple(b["key"]) for b in dm.train_dataloader()])
+    assert len(streams[0]) == len(streams[1]) == 4 and streams[0] != streams[1]
 
 
 def test_the_default_seed_follows_seed_everything(tmp_path, monkeypatch):
