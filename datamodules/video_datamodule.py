@@ -73,11 +73,12 @@ class _SeededStage:
     def __init__(self, seed: int, rank: int):
         self.seed, self.rank, self.passes = seed, rank, 0
 
-    def next_rng(self) -> random.Random:
+    def next_rng(self, advance: bool = True) -> random.Random:
+        """This pass's RNG; ``advance=False`` gives every pass the first pass's (validation repeats itself)."""
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         rng = random.Random(f"{self.purpose}/{self.seed}/{self.rank}/{worker}/{self.passes}")
-        self.passes += 1
+        self.passes += 1 if advance else 0
         return rng
 
 
@@ -93,7 +94,7 @@ class _ViewStage(_SeededStage):
     def __call__(self, samples):
         # Runs when the pipeline is built in its process, before any read.
         SKIPS.start_stream(max_consecutive=self.max_consecutive_skips)
-        return self.view(samples, train=self.train, rng=self.next_rng())
+        return self.view(samples, train=self.train, rng=self.next_rng(advance=self.train))
 
 
 class _Shuffle(_SeededStage):

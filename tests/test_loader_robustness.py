@@ -269,3 +269,19 @@ def test_the_default_seed_follows_seed_everything(tmp_path, monkeypatch):
     assert _first_batches(shards, num_workers=0) == first
     pl.seed_everything(6)
     assert _first_batches(shards, num_workers=0) != first
+
+
+class DrawingView(MotionView):
+    """Draws from the view's RNG in validation too (as the LLM views' source mixers do)."""
+
+    def examples(self, sample, train, rng):
+        for example in super().examples(sample, train, rng):
+            yield dict(example, draw=torch.tensor(rng.random()))
+
+
+def test_validation_gives_the_same_batches_every_pass(tmp_path):
+    dm = VideoDataModule(val_shards=_train_shards(tmp_path), view=DrawingView(grid=(4, 4)), batch_size=4,
+                         num_workers=0)
+    loader = dm.val_dataloader()
+    first = [(tuple(b["key"]), b["draw"].tolist()) for b in loader]
+    assert [(tuple(b["key"]), b["draw"].tolist()) for b in loader] == first and len(first) == 6
