@@ -8,7 +8,8 @@ order. ``batch_size`` is the *global* batch: each rank gets ``batch_size / (worl
 accumulate_grad_batches)``. Broken shards and samples are skipped, logged with their key and reason,
 counted and reported as ``data/skipped/<reason>``; each worker's pipeline ends with a skips-only report,
 taken out of the stream in the main process, so skips after a worker's last batch are counted too.
-A training stream that only skips (``max_consecutive_skips`` in a row) stops with ``TooManySkips``.
+A reader that only skips (``max_consecutive_skips`` in a row) stops with ``TooManySkips``: an endless
+training stream over broken shards would otherwise resample them forever.
 """
 
 from __future__ import annotations
@@ -142,8 +143,9 @@ class VideoDataModule(pl.LightningDataModule):
         seed: base seed of shard resampling, shuffling and the views' draws (None: the seed of
             ``seed_everything``, read when the training loader is built).
         val_batch_size: global validation batch size (default: ``batch_size``).
-        max_consecutive_skips: skipped samples in a row after which a training reader stops with
-            ``TooManySkips`` instead of resampling broken shards forever (None: never).
+        max_consecutive_skips: skipped samples in a row after which a reader stops with ``TooManySkips``
+            instead of resampling broken shards forever (None: never). Validation readers share the
+            bound (without workers they share one skip tracker with the suspended training reader).
     """
 
     def __init__(self, train_shards: str | Sequence[str] | None = None, val_shards: str | Sequence[str] | None = None,
@@ -213,7 +215,7 @@ class VideoDataModule(pl.LightningDataModule):
         if by_sample:
             stages.append(functools.partial(_take_rank_samples, rank=self.rank, world_size=self.world_size))
         per_device = math.ceil(self.val_batch_size / self.world_size)
-        stages += [_ViewStage(self.view, False, self.seed or 0, self.rank),
+        stages += [_ViewStage(self.view, False, self.seed or 0, self.rank, self.max_consecutive_skips),
                    wds.batched(per_device, collation_fn=self.view.collate, partial=True),
                    _end_with_skips_report]
         loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,

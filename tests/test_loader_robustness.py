@@ -285,3 +285,11 @@ def test_validation_gives_the_same_batches_every_pass(tmp_path):
     loader = dm.val_dataloader()
     first = [(tuple(b["key"]), b["draw"].tolist()) for b in loader]
     assert [(tuple(b["key"]), b["draw"].tolist()) for b in loader] == first and len(first) == 6
+
+
+def test_all_bad_validation_shards_also_stop_with_the_named_error(tmp_path):
+    dm = motion_dm(val_shards=_all_bad_shards(tmp_path), batch_size=2, num_workers=0, max_consecutive_skips=5)
+    with pytest.raises(TooManySkips, match="5 samples in a row"):
+        list(dm.val_dataloader())
+    lenient = motion_dm(val_shards=_all_bad_shards(tmp_path), batch_size=2, num_workers=0)
+    assert list(lenient.val_dataloader()) == [] and lenient.skipped == {errors.CORRUPT_SAMPLE: 8}
