@@ -21,6 +21,7 @@ import torch
 
 from datamodules.instruct_views import load_image_text_pair
 from datamodules.llm_views import _reader_slot, read_text_lines
+from datamodules.skip_tracker import SKIPS
 from datamodules.views import SampleView, register_view
 
 
@@ -91,4 +92,5 @@ class ImageTextView(SampleView):
         for line in passes() if train else lines:
             example = self.example(line, root, train, rng)
             if example is not None:
+                SKIPS.delivered()
                 yield example

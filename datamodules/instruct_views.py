@@ -362,6 +362,7 @@ class InstructionSequenceView(VideoTokenView):
             for messages in self.video_conversations(items, train, rng):
                 doc = self.encode(messages, [video], key)
                 if doc is not None:
+                    SKIPS.delivered()
                     yield doc
 
     def image_items(self, train: bool) -> list[ConversationSample]:
@@ -388,7 +389,10 @@ class InstructionSequenceView(VideoTokenView):
                 return None
             codes = self.image_codes(image[None], export)[0]
             visual = [image_token_ids(codes, self.vocabulary)]
-        return self.encode(list(item.messages), visual, item.sample_id)
+        doc = self.encode(list(item.messages), visual, item.sample_id)
+        if doc is not None:
+            SKIPS.delivered()
+        return doc
 
     def image_documents(self, train: bool, rng: random.Random) -> Iterator[TokenSequence] | None:
         """This reader's share of the image conversations: endless and reshuffled per pass in training, one

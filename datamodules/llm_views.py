@@ -338,6 +338,7 @@ class VideoTokenView(SampleView):
     def collate(self, examples: list[PackedRow]) -> dict:
         batch = collate_packed_rows(examples)
         batch["modality"] = self.vocabulary.modality_of(batch["input_ids"])
+        SKIPS.delivered()
         batch[SKIPS_KEY] = SKIPS.snapshot()
         return batch
 
@@ -423,6 +424,7 @@ class PretrainSequenceView(VideoTokenView):
             except errors.VideoSkip as skip:
                 SKIPS.record(key, skip.reason, skip.detail)
                 continue
+            SKIPS.delivered()
             order_rng = rng if train else random.Random(zlib.crc32(sample["key"].encode("utf-8")))
             visual_first = order_rng.random() < self.visual_first_prob
             yield self.pair_document(self.video_ids(keyframes, motions), sample["caption"], visual_first)
@@ -484,6 +486,7 @@ class PretrainSequenceView(VideoTokenView):
             if pair is None:
                 return None
             pixels, caption, image = pair
+            SKIPS.delivered()
             codes = self.image_codes(pixels[None])[0]
             order_rng = rng if train else random.Random(zlib.crc32(str(image).encode("utf-8")))
             return self.pair_document(image_token_ids(codes, self.vocabulary), caption,

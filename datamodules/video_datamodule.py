@@ -1,10 +1,15 @@
 """The one DataModule: WebDataset shards of decomposed videos → dict batches for any stage.
 
-Training reads resampled shards (an infinite stream, seeded per rank and worker) cut into epochs of
-``samples_per_epoch``; validation reads each shard once, split across ranks and workers, in a fixed
+Training reads resampled shards (an infinite stream) cut into epochs of ``samples_per_epoch``; the
+shard draws, both shuffle buffers and the views' choices are seeded from ``seed`` (by default the seed of
+``seed_everything``), the rank, the DataLoader worker and the epoch, so a run is reproducible and every
+reader has its own stream. Validation reads each shard once, split across ranks and workers, in a fixed
 order. ``batch_size`` is the *global* batch: each rank gets ``batch_size / (world_size ×
 accumulate_grad_batches)``. Broken shards and samples are skipped, logged with their key and reason,
-counted and reported as ``data/skipped/<reason>``.
+counted and reported as ``data/skipped/<reason>``; each worker's pipeline ends with a skips-only report,
+taken out of the stream in the main process, so skips after a worker's last batch are counted too.
+A reader that only skips (``max_consecutive_skips`` in a row) stops with ``TooManySkips``: an endless
+training stream over broken shards would otherwise resample them forever.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import random
 from typing import Any, Iterator, Sequence
 
@@ -22,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import skip_tracker
 from datamodules.shard_list import resolve_shards, split_by_rank
-from datamodules.skip_tracker import SKIPS, SKIPS_KEY
+from datamodules.skip_tracker import SKIPS, SKIPS_KEY, is_skips_report
 from datamodules.tar_reader import tar_samples
 from datamodules.views import SampleView, build_view
 
@@ -50,15 +56,77 @@ def _split_by_worker(urls: Iterator[dict]) -> Iterator[dict]:
             yield url
 
 
-class _ViewStage:
-    """Pipeline stage applying a view; picklable so DataLoader workers can be spawned."""
+def global_seed() -> int:
+    """The seed ``seed_everything`` set (``PL_GLOBAL_SEED``), else torch's initial seed."""
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return int(value) if value is not None and value.lstrip("-").isdigit() else torch.initial_seed()
 
-    def __init__(self, view: SampleView, train: bool, seed: int, rank: int):
-        self.view, self.train, self.seed, self.rank = view, train, seed, rank
+
+class _SeededStage:
+    """Base of picklable pipeline stages drawing from an RNG per (seed, rank, worker, pass, purpose).
+
+    Each call is one pass of the pipeline in this process (persistent workers keep their copy, so the
+    pass count goes on across epochs); the RNG is built there, in the worker, never inherited.
+    """
+
+    purpose = "stage"
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank, self.passes = seed, rank, 0
+
+    def next_rng(self, advance: bool = True) -> random.Random:
+        """This pass's RNG; ``advance=False`` gives every pass the first pass's (validation repeats itself)."""
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = random.Random(f"{self.purpose}/{self.seed}/{self.rank}/{worker}/{self.passes}")
+        self.passes += 1 if advance else 0
+        return rng
+
+
+class _ViewStage(_SeededStage):
+    """Pipeline stage applying a view (and starting this pass's skip counts)."""
+
+    purpose = "view"
+
+    def __init__(self, view: SampleView, train: bool, seed: int, rank: int, max_consecutive_skips: int | None = None):
+        super().__init__(seed, rank)
+        self.view, self.train, self.max_consecutive_skips = view, train, max_consecutive_skips
 
     def __call__(self, samples):
-        SKIPS.start_stream()  # runs when the pipeline is built in its process, before any read
-        return self.view(samples, train=self.train, rng=random.Random(_worker_seed(self.rank) + 7919 * self.seed))
+        # Runs when the pipeline is built in its process, before any read.
+        SKIPS.start_stream(max_consecutive=self.max_consecutive_skips)
+        return self.view(samples, train=self.train, rng=self.next_rng(advance=self.train))
+
+
+class _Shuffle(_SeededStage):
+    """webdataset's buffered shuffle with a seeded RNG (its default RNG is seeded from pid and time)."""
+
+    def __init__(self, bufsize: int, seed: int, rank: int, purpose: str):
+        super().__init__(seed, rank)
+        self.bufsize, self.purpose = bufsize, purpose
+
+    def __call__(self, items):
+        return wds.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=self.next_rng())(items)
+
+
+def _end_with_skips_report(batches):
+    """Worker-side last stage: the batches, then this pass's final skip counts (skips-only item)."""
+    yield from batches
+    yield SKIPS.report()
+
+
+class _TakeSkipReports:
+    """Main-process stage: merges every item's skip snapshot into the DataModule and drops reports."""
+
+    def __init__(self, datamodule: "VideoDataModule"):
+        self.datamodule = datamodule
+
+    def __call__(self, batches):
+        for batch in batches:
+            if isinstance(batch, dict) and SKIPS_KEY in batch:
+                self.datamodule.merge_skips(batch.pop(SKIPS_KEY))
+            if not is_skips_report(batch):
+                yield batch
 
 
 class VideoDataModule(pl.LightningDataModule):
@@ -72,17 +140,25 @@ class VideoDataModule(pl.LightningDataModule):
         samples_per_epoch: training examples per epoch, all ranks together.
         shuffle_buffer: samples held for shuffling (raw videos), and again for examples.
         num_workers: DataLoader workers per rank (validation never uses more than its shards).
-        seed: base seed of shard resampling and shuffling.
+        seed: base seed of shard resampling, shuffling and the views' draws (None: the seed of
+            ``seed_everything``, read when the training loader is built).
         val_batch_size: global validation batch size (default: ``batch_size``).
         allow_incomplete: also read a prepared directory whose manifest is missing or incomplete (warns);
             by default only a complete manifest's shards are read.
+        max_consecutive_skips: skipped samples in a row after which a reader stops with ``TooManySkips``
+            instead of resampling broken shards forever (None: never). Validation readers share the
+            bound (without workers they share one skip tracker with the suspended training reader).
     """
 
     def __init__(self, train_shards: str | Sequence[str] | None = None, val_shards: str | Sequence[str] | None = None,
                  view: str | SampleView = "motion", batch_size: int = 32, samples_per_epoch: int = 10_000,
-                 shuffle_buffer: int = 1000, num_workers: int = 2, seed: int = 0, val_batch_size: int | None = None,
-                 pin_memory: bool = False, allow_incomplete: bool = False):
+                 shuffle_buffer: int = 1000, num_workers: int = 2, seed: int | None = None,
+                 val_batch_size: int | None = None, pin_memory: bool = False, allow_incomplete: bool = False,
+                 max_consecutive_skips: int | None = 1000):
         super().__init__()
+        if max_consecutive_skips is not None and max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1 (or None), got {max_consecutive_skips}")
+        self.max_consecutive_skips = max_consecutive_skips
         self.train_shards, self.val_shards = train_shards, val_shards
         self.view = build_view(view)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -113,18 +189,21 @@ class VideoDataModule(pl.LightningDataModule):
             raise ValueError("VideoDataModule: set data.train_shards to fit")
         urls = resolve_shards(self.train_shards, self.allow_incomplete)
         per_device = self.per_device_batch_size(self.batch_size)
+        seed = self.seed if self.seed is not None else global_seed()
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(urls, seed=self.seed, deterministic=True,
+            wds.ResampledShards(urls, seed=seed, deterministic=True,
                                 worker_seed=functools.partial(_worker_seed, self.rank)),
             tar_samples,
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100)),
-            _ViewStage(self.view, True, self.seed, self.rank),
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100)),
+            _Shuffle(self.shuffle_buffer, seed, self.rank, "samples"),
+            _ViewStage(self.view, True, seed, self.rank, self.max_consecutive_skips),
+            _Shuffle(self.shuffle_buffer, seed, self.rank, "examples"),
             wds.batched(per_device, collation_fn=self.view.collate, partial=False),
+            _end_with_skips_report,
         )
         batches_per_rank = max(1, self.samples_per_epoch // (per_device * self.world_size))
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers,
                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        loader.append(_TakeSkipReports(self))
         # The length only feeds progress bars; the epoch cut is with_epoch.
         return loader.with_epoch(batches_per_rank).with_length(batches_per_rank, silent=True)
 
@@ -139,10 +218,13 @@ class VideoDataModule(pl.LightningDataModule):
         if by_sample:
             stages.append(functools.partial(_take_rank_samples, rank=self.rank, world_size=self.world_size))
         per_device = math.ceil(self.val_batch_size / self.world_size)
-        stages += [_ViewStage(self.view, False, self.seed, self.rank),
-                   wds.batched(per_device, collation_fn=self.view.collate, partial=True)]
-        return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
-                             pin_memory=self.pin_memory)
+        stages += [_ViewStage(self.view, False, self.seed or 0, self.rank, self.max_consecutive_skips),
+                   wds.batched(per_device, collation_fn=self.view.collate, partial=True),
+                   _end_with_skips_report]
+        loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
+                               pin_memory=self.pin_memory)
+        loader.append(_TakeSkipReports(self))
+        return loader
 
     def val_dataloader(self):
         if self.val_shards is None:
@@ -156,10 +238,15 @@ class VideoDataModule(pl.LightningDataModule):
         return self._eval_dataloader(self.val_shards if self.val_shards is not None else self.train_shards)
 
     # ---- skip accounting --------------------------------------------------------------------
+    def merge_skips(self, snapshot: dict) -> None:
+        """Take a reader's skip counts (a batch's or a final report's snapshot) and log the totals."""
+        skip_tracker.merge_snapshots(self._latest_skips, snapshot)
+        self._log_skips()
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Our loaders take the snapshots out already; this serves batches from other loaders.
         if isinstance(batch, dict) and SKIPS_KEY in batch:
-            skip_tracker.merge_snapshots(self._latest_skips, batch.pop(SKIPS_KEY))
-            self._log_skips()
+            self.merge_skips(batch.pop(SKIPS_KEY))
         return batch
 
     @property

@@ -81,10 +81,12 @@ class SampleView:
             except errors.VideoSkip as skip:
                 SKIPS.record(key, skip.reason, skip.detail)
                 continue
+            SKIPS.delivered()
             yield from produced
 
     def collate(self, examples: list[dict]) -> dict:
         batch = default_collate(examples)
+        SKIPS.delivered()
         batch[SKIPS_KEY] = SKIPS.snapshot()
         return batch
 
