@@ -58,3 +58,15 @@ class KillWhileSavingLast(TorchCheckpointIO):
                     os.fsync(f.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
         super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class PoisonBatches(Callback):
+    """Puts a NaN into the ``key`` tensor of the batches of optimizer steps ``steps`` (on ``rank`` only, when
+    given): bad data reaching a stage, whatever the loader lets through."""
+
+    def __init__(self, steps: list[int], key: str = "motion", rank: int | None = None):
+        self.steps, self.key, self.rank = set(steps), key, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps and self.rank in (None, trainer.global_rank):
+            batch[self.key].view(-1)[0] = float("nan")

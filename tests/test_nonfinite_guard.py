@@ -12,10 +12,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from tests.ddp_fit import fit_two_processes, rank_state_callback
+from tests.tensorboard_scalars import scalars
+from tests.test_stage_motion_tokenizer import write_config
+
 from stages.base import OptimizerConfig, StageModule
 from stages.motion_tokenizer import EXPORT_NAME, MotionTokenizerStage
 from stages.nonfinite_guard import NonFiniteExportError, NonFiniteTrainingError
 from stages.pretrain import PretrainStage
+from videolavit.__main__ import main
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer
 from videolavit.llm.vocabulary import Vocabulary
 from videolavit.models.export import load_export
@@ -232,3 +237,31 @@ def test_an_export_dtype_that_overflows_is_refused(llm_stage_args, tmp_path):
     with pytest.raises(NonFiniteExportError, match="lm_head.new"):
         stage.on_fit_end()
     assert not (tmp_path / "export").exists()
+
+
+# ------------------------------------------------------------------------------------------- through the CLI
+def poison(steps: list[int], rank: int | None = None) -> dict:
+    return {"class_path": "tests.fault_injection.PoisonBatches", "init_args": {"steps": steps, "rank": rank}}
+
+
+def test_the_cli_stops_a_run_of_nan_steps_with_one_line_and_writes_no_export(prepared_shards, tmp_path, capsys):
+    config = write_config(tmp_path, prepared_shards, callbacks=[poison([1, 2, 3, 4])])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--model.init_args.max_nonfinite_steps", "3"])
+    assert exit_info.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "3 optimizer steps in a row" in errors[0]
+    assert not (tmp_path / "export").exists()
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["nonfinite_steps"] == {"skipped": 2, "in_a_row": 2}  # saved after step 3 (1 good, 2 skipped)
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_skip_together_when_one_sees_a_nan(prepared_shards, tmp_path):
+    config = write_config(tmp_path, prepared_shards, callbacks=[rank_state_callback(tmp_path), poison([2], rank=1)])
+    ranks = fit_two_processes(config, tmp_path)  # also checks that both ranks hold the same state
+    assert int(ranks[0]["model.quantize.num_updates"]) == 5  # 6 steps, the poisoned one skipped on both ranks
+    assert all(torch.isfinite(t).all() for t in ranks[0].values() if t.is_floating_point())
+    assert max(value for _, value in scalars(tmp_path / "logs")["train/nonfinite_skipped"]) == 1
