@@ -101,9 +101,10 @@ class NonFiniteStepGuard:
                    any_rank: Callable[[bool], bool], scaler_in_use: bool = False) -> bool:
         """Decide (the same on every rank) whether this step is bad; if so drop its gradients and restore the
         buffers. Returns True when the step was skipped; raises ``NonFiniteTrainingError`` at the limit."""
-        loss_finite = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
-        ok = loss_finite.to("cpu") if scaler_in_use else (loss_finite.to("cpu") & gradients_are_finite(optimizer).cpu())
-        bad = any_rank(not bool(ok))
+        ok = self._loss_finite is None or bool(self._loss_finite)
+        if ok and not scaler_in_use:
+            ok = bool(gradients_are_finite(optimizer))
+        bad = any_rank(not ok)
         buffers, self._buffers, self._loss_finite = self._buffers, None, None
         if not bad:
             self.in_a_row = 0

@@ -11,7 +11,8 @@ not also collect every prediction in memory.
 ``--ckpt_path last`` is resolved here, not by Lightning: the newest ``last*.ckpt`` of the ModelCheckpoint
 directories, and when that file is empty or cut short (a kill while it was written) the newest readable
 checkpoint in the same directory, with a warning. These user errors, and a run stopped by
-``stages.nonfinite_guard`` (non-finite steps in a row), end in one line on stderr: exit 2 and 1.
+``stages.nonfinite_guard`` (non-finite steps in a row, or weights it refuses to export), end in one line on
+stderr: exit 2 and 1.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
-from stages.nonfinite_guard import NonFiniteTrainingError
+from stages.nonfinite_guard import NonFiniteExportError, NonFiniteTrainingError
 
 
 class ConfigError(ValueError):
@@ -158,7 +159,7 @@ class VideoLavitCLI(LightningCLI):
 
 def run_lightning_cli(argv: list[str]) -> VideoLavitCLI:
     """Run a trainer command. A ``ConfigError`` (a user error) prints one line and exits 2, like an argument
-    error; ``NonFiniteTrainingError`` prints one line and exits 1."""
+    error; a run stopped by non-finite steps or weights (``stages.nonfinite_guard``) prints one line and exits 1."""
     try:
         # From the command line LightningCLI reads sys.argv itself (and warns when it is also given as args).
         return VideoLavitCLI(
@@ -173,6 +174,6 @@ def run_lightning_cli(argv: list[str]) -> VideoLavitCLI:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except NonFiniteTrainingError as exc:
+    except (NonFiniteTrainingError, NonFiniteExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
