@@ -70,3 +70,18 @@ class PoisonBatches(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step in self.steps and self.rank in (None, trainer.global_rank):
             batch[self.key].view(-1)[0] = float("nan")
+
+
+class PoisonGradient(Callback):
+    """After the backward pass of optimizer step ``step``, on ``rank`` only, sets the first entry of this rank's
+    part of the first gradient to NaN (under FSDP2 the other ranks' shards stay finite)."""
+
+    def __init__(self, step: int, rank: int = 0):
+        self.step, self.rank = step, rank
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step != self.step or trainer.global_rank != self.rank:
+            return
+        grad = next(p.grad for p in pl_module.parameters() if p.grad is not None)
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        local.view(-1)[0] = float("nan")

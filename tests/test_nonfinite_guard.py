@@ -5,15 +5,22 @@ never exported, and a refused export leaves the previous one in place."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
 
 from tests.ddp_fit import fit_two_processes, rank_state_callback
 from tests.tensorboard_scalars import scalars
+from tests.test_pretrain import cli_inputs  # noqa: F401  (a fixture)
+from tests.test_pretrain import write_config as pretrain_config
 from tests.test_stage_motion_tokenizer import write_config
 
 from stages.base import OptimizerConfig, StageModule
@@ -21,11 +28,13 @@ from stages.motion_tokenizer import EXPORT_NAME, MotionTokenizerStage
 from stages.nonfinite_guard import NonFiniteExportError, NonFiniteTrainingError
 from stages.pretrain import PretrainStage
 from videolavit.__main__ import main
+from videolavit.cli import checkpoint_problem
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer
 from videolavit.llm.vocabulary import Vocabulary
 from videolavit.models.export import load_export
 from videolavit.models.motion_tokenizer import MotionTokenizerConfig
 
+REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = dict(num_frames=24, height=8, width=8, dim=16, num_heads=2, mlp_ratio=2.0, blocks_per_stage=[1, 1, 1, 1],
                  stage_factors=[[1, 2, 2], [2, 1, 1], [3, 1, 1], [1, 1, 1]], downsample="conv", num_codes=32,
                  code_dim=8, ema_decay=0.9, dead_code_interval=0)
@@ -265,3 +274,22 @@ def test_two_ddp_ranks_skip_together_when_one_sees_a_nan(prepared_shards, tmp_pa
     assert int(ranks[0]["model.quantize.num_updates"]) == 5  # 6 steps, the poisoned one skipped on both ranks
     assert all(torch.isfinite(t).all() for t in ranks[0].values() if t.is_floating_point())
     assert max(value for _, value in scalars(tmp_path / "logs")["train/nonfinite_skipped"]) == 1
+
+
+@pytest.mark.slow
+def test_fsdp2_ranks_skip_together_when_one_shard_of_a_gradient_is_nan(prepared_shards, cli_inputs, tmp_path):
+    config = pretrain_config(tmp_path, prepared_shards, cli_inputs, devices=2, limit_val_batches=1,
+                             strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                                       "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "videolavit", "fit", "--config", str(config),
+                           "--trainer.callbacks+=tests.fault_injection.PoisonGradient",
+                           "--trainer.callbacks.step=1", "--trainer.callbacks.rank=1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # rank 0 logs: its own gradient shards were finite, so it counts the step only because rank 1 said so
+    assert [value for _, value in sorted(scalars(tmp_path / "logs")["train/nonfinite_skipped"])] == [0, 1, 1, 1]
+    assert checkpoint_problem(tmp_path / "checkpoints" / "last.ckpt") is None  # a sharded (directory) checkpoint
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
