@@ -1,5 +1,8 @@
 """What every training stage shares: AdamW with linear warm-up + cosine decay, ``init_from``, frozen
-sub-modules kept out of checkpoints, and an export written at the end of ``fit``.
+sub-modules kept out of checkpoints, a guard that skips optimizer steps with a non-finite loss or gradient
+(``stages.nonfinite_guard``; ``train/nonfinite_skipped`` counts them, ``max_nonfinite_steps`` in a row stop the
+run), and an export written at the end of ``fit`` only from finite weights, staged so that a failure leaves
+the previous export untouched (``stages.staged_export``).
 
 ``init_from`` (weights only, from a previous stage's export) is applied once, at the start of a new
 run; resuming the same stage is Lightning's ``--ckpt_path`` and the CLI refuses both together.
@@ -13,8 +16,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from stages.nonfinite_guard import NonFiniteExportError, NonFiniteStepGuard, nonfinite_names
+from stages.staged_export import write_staged
+
+NONFINITE_STATE_KEY = "nonfinite_steps"  # checkpoint entry: the guard's counters
 NO_DECAY_NAMES = ("bias", "pos_embed", "temp_pos", "embedding", "query_embed", "cls_token", "positional_embedding")
 
 
@@ -43,16 +50,20 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
 class StageModule(pl.LightningModule):
     """Base LightningModule of a stage. Subclasses build their models in ``__init__`` (or
     ``configure_model``), implement the steps and ``export``, and list frozen sub-modules in
-    ``frozen_prefixes``."""
+    ``frozen_prefixes``.
+
+    ``max_nonfinite_steps``: optimizer steps in a row with a non-finite loss or gradient after which ``fit``
+    stops with ``NonFiniteTrainingError`` (each one is skipped: no weight, moment or buffer changes)."""
 
     export_name = "stage"
 
     def __init__(self, optimizer: OptimizerConfig | None = None, init_from: str | None = None,
-                 export_dir: str | None = None):
+                 export_dir: str | None = None, max_nonfinite_steps: int = 20):
         super().__init__()
         self.optimizer_config = optimizer or OptimizerConfig()
         self.init_from = init_from
         self.export_dir = export_dir
+        self.nonfinite_guard = NonFiniteStepGuard(max_nonfinite_steps)
 
     # ---- frozen parts ------------------------------------------------------------------------
     def frozen_prefixes(self) -> tuple[str, ...]:
@@ -66,8 +77,10 @@ class StageModule(pl.LightningModule):
         state = checkpoint.get("state_dict", {})
         for name in [n for n in state if self._is_frozen(n)]:
             del state[name]
+        checkpoint[NONFINITE_STATE_KEY] = self.nonfinite_guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_guard.load_state_dict(checkpoint.get(NONFINITE_STATE_KEY, {}))
         # Frozen weights come from init_from / their own files, not from the checkpoint.
         state = checkpoint.get("state_dict")
         if state is not None:
@@ -115,15 +128,53 @@ class StageModule(pl.LightningModule):
             optimizer, lambda step: cosine_with_warmup(step, cfg.warmup_steps, total, cfg.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # ---- non-finite steps ----------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.nonfinite_guard.snapshot_buffers(self, self._is_frozen)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.nonfinite_guard.record_loss(loss)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this after backward (and after unscaling under fp16 AMP), before clipping and the
+        # step, in automatic and manual optimisation alike.
+        guard = self.nonfinite_guard
+        precision = self.trainer.precision_plugin if self._trainer is not None else None
+        skipped = guard.check_step(self, optimizer, any_rank=self._any_rank,
+                                   scaler_in_use=getattr(precision, "scaler", None) is not None)
+        if skipped and guard.in_a_row == 1:
+            rank_zero_warn(f"{type(self).__name__}: step {self.global_step} had a non-finite loss or gradient; "
+                           f"optimizer step skipped ({guard.skipped} so far; the run stops after "
+                           f"{guard.max_in_a_row} in a row)")
+        if self._trainer is not None:
+            self.log("train/nonfinite_skipped", float(guard.skipped), on_step=True, on_epoch=False, batch_size=1)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self._trainer is None:
+            return flag
+        return self.trainer.strategy.reduce_boolean_decision(flag, all=False)
+
     # ---- export ------------------------------------------------------------------------------
     def export(self, directory: str | Path) -> None:
         raise TypeError(f"{type(self).__name__} has nothing to export")
 
+    def check_exportable(self, cast_to: torch.dtype | None = None) -> None:
+        """Raise ``NonFiniteExportError`` on every rank if any trained weight or buffer (this rank's shard) is
+        NaN/inf, after a cast to ``cast_to`` if given. A collective under a multi-process strategy."""
+        tensors = [(n, t) for n, t in [*self.named_parameters(), *self.named_buffers()] if not self._is_frozen(n)]
+        bad = nonfinite_names(tensors, cast_to=cast_to)
+        if self._any_rank(bool(bad)):
+            where = f": {bad[:8]}{' ...' if len(bad) > 8 else ''}" if bad else " (on another rank)"
+            raise NonFiniteExportError(
+                f"{type(self).__name__}: refusing to export non-finite weights{where}; "
+                f"{self.export_dir or 'the export directory'} was left as it was")
+
     def on_fit_end(self) -> None:
         if self.export_dir:
+            self.check_exportable()
             self._export_rank_zero(self.export_dir)
 
     @rank_zero_only
     def _export_rank_zero(self, directory: str) -> None:
-        self.export(directory)
+        write_staged(directory, self.export)
         rank_zero_info(f"{type(self).__name__}: exported to {directory}")

@@ -115,6 +115,7 @@ class KeyframeDetokenizerStage(StageModule):
             diffusion config's).
         optimizer: AdamW + cosine (the experiment configs hold the paper's values).
         export_dir: where ``fit`` writes ``keyframe_detokenizer.*`` at the end.
+        max_nonfinite_steps: non-finite optimizer steps in a row that stop ``fit`` (``StageModule``).
     """
 
     export_name = EXPORT_NAME
@@ -123,8 +124,10 @@ class KeyframeDetokenizerStage(StageModule):
                  diffusion: KeyframeDiffusionConfig | None = None, latent_space: LatentSpace | None = None,
                  image_size: int = 1024, backbone_weights: str | None = None, unet_weights: str | None = None,
                  val_samples: int = 8, val_sample_steps: int | None = None, val_guidance_scale: float | None = None,
-                 optimizer: OptimizerConfig | None = None, export_dir: str | None = None):
-        super().__init__(optimizer=optimizer, init_from=init_from, export_dir=export_dir)
+                 optimizer: OptimizerConfig | None = None, export_dir: str | None = None,
+                 max_nonfinite_steps: int = 20):
+        super().__init__(optimizer=optimizer, init_from=init_from, export_dir=export_dir,
+                         max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters(ignore=["latent_space"])
         if init_from:
             check_tokenizer_export(init_from)  # fail at construction, not after the data has been set up

@@ -112,6 +112,7 @@ class KeyframeTokenizerStage(StageModule):
         optimizer: AdamW + cosine (paper Table 6, tokenizer row, by default).
         init_from: an export directory of this stage (both sub-models; the backbone must be the same).
         export_dir: where ``fit`` writes ``keyframe_tokenizer`` and ``keyframe_feature_decoder`` at the end.
+        max_nonfinite_steps: non-finite optimizer steps in a row that stop ``fit`` (``StageModule``).
     """
 
     export_name = EXPORT_NAME
@@ -121,8 +122,9 @@ class KeyframeTokenizerStage(StageModule):
                  loss: KeyframeTokenizerLossConfig | None = None, backbone_weights: str | None = None,
                  backbone_prefix: str = "", backbone_seed: int = 0, optimizer: OptimizerConfig | None = None,
                  init_from: str | None = None,
-                 export_dir: str | None = None):
-        super().__init__(optimizer=optimizer, init_from=init_from, export_dir=export_dir)
+                 export_dir: str | None = None, max_nonfinite_steps: int = 20):
+        super().__init__(optimizer=optimizer, init_from=init_from, export_dir=export_dir,
+                         max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
         tokenizer = tokenizer or KeyframeTokenizerConfig()
         decoder = decoder or default_decoder_config(tokenizer)

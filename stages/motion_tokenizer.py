@@ -27,13 +27,15 @@ class MotionTokenizerStage(StageModule):
         tokenizer: every size of the tokenizer (the release model by default; see experiments/*.yaml).
         optimizer: AdamW + cosine schedule (paper Table 6 for the tokenizer by default).
         export_dir: where ``fit`` writes ``motion_tokenizer.safetensors`` + ``.json`` at the end.
+        max_nonfinite_steps: non-finite optimizer steps in a row that stop ``fit`` (``StageModule``).
     """
 
     export_name = EXPORT_NAME
 
     def __init__(self, tokenizer: MotionTokenizerConfig | None = None, optimizer: OptimizerConfig | None = None,
-                 init_from: str | None = None, export_dir: str | None = None):
-        super().__init__(optimizer=optimizer, init_from=init_from, export_dir=export_dir)
+                 init_from: str | None = None, export_dir: str | None = None, max_nonfinite_steps: int = 20):
+        super().__init__(optimizer=optimizer, init_from=init_from, export_dir=export_dir,
+                         max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
         self.model = MotionTokenizer(tokenizer or MotionTokenizerConfig())
         self.val_recon = MeanMetric()

@@ -60,6 +60,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stages.base import OptimizerConfig, StageModule
+from stages.nonfinite_guard import NonFiniteExportError, nonfinite_names
+from stages.staged_export import write_staged
 from videolavit.llm.flops import model_flops_utilisation, training_flops_per_token
 from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer
@@ -67,6 +69,9 @@ from videolavit.llm.vocabulary import Modality, Vocabulary
 
 EXPORT_NAME = "llm"
 VOCABULARY_FILE = "videolavit_vocabulary.json"
+# Weight files of a previous export that a new one with another sharding would leave behind.
+HF_WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                   "pytorch_model.bin.index.json")
 NEW_ROW_PARAMETERS = ("llm.model.embed_tokens.new", "llm.lm_head.new")
 MODALITY_NAMES = {Modality.TEXT: "text", Modality.KEYFRAME: "keyframe", Modality.MOTION: "motion",
                   Modality.SPECIAL: "special"}
@@ -186,6 +191,7 @@ class PretrainStage(StageModule):
         optimizer: AdamW + cosine (``default_optimizer()``: paper Table 6, new vocabulary rows at 5e-5).
         init_from: a previous pre-training export (HF directory) to start a new run from.
         export_dir: where ``fit`` writes the Hugging Face export at the end.
+        max_nonfinite_steps: non-finite optimizer steps in a row that stop ``fit`` (``StageModule``).
     """
 
     export_name = EXPORT_NAME
@@ -196,8 +202,9 @@ class PretrainStage(StageModule):
                  fsdp_param_dtype: str | None = None, fsdp_reshard_after_forward: bool = True,
                  load_dtype: str = "float32", export_dtype: str | None = None,
                  optimizer: OptimizerConfig | None = None, init_from: str | None = None,
-                 export_dir: str | None = None):
-        super().__init__(optimizer=optimizer or default_optimizer(), init_from=init_from, export_dir=export_dir)
+                 export_dir: str | None = None, max_nonfinite_steps: int = 20):
+        super().__init__(optimizer=optimizer or default_optimizer(), init_from=init_from, export_dir=export_dir,
+                         max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
         self.vocabulary = vocabulary or Vocabulary.release()
         self.tokenizer_path = tokenizer_path
@@ -354,6 +361,7 @@ class PretrainStage(StageModule):
         return loss
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         if self._clock is None:
             self._clock = time.perf_counter()
 
@@ -414,7 +422,10 @@ class PretrainStage(StageModule):
         return {k: v.detach().cpu() for k, v in self.llm.state_dict().items()}
 
     def export(self, directory: str | Path) -> None:
-        """Write a Hugging Face directory (model, tokenizer, vocabulary JSON). Call on every rank."""
+        """Write a Hugging Face directory (model, tokenizer, vocabulary JSON). Call on every rank.
+
+        Refuses (``NonFiniteExportError``) weights that are NaN/inf as exported (in ``export_dtype``); the files
+        are written next to ``directory`` and moved in when complete, so a failure leaves it untouched."""
         state = self.full_state_dict()
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if rank != 0:
@@ -426,14 +437,21 @@ class PretrainStage(StageModule):
         dtype = _dtype(self.export_dtype)
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        bad = nonfinite_names(state.items())
+        if bad:
+            raise NonFiniteExportError(f"{type(self).__name__}: refusing to export non-finite weights {bad[:8]}"
+                                       f"{' ...' if len(bad) > 8 else ''}; {directory} was left as it was")
+        write_staged(directory, lambda scratch: self._write_hf_directory(state, config, dtype, scratch),
+                     replaces=HF_WEIGHT_FILES)
+
+    def _write_hf_directory(self, state: dict[str, torch.Tensor], config: LlamaConfig, dtype: torch.dtype | None,
+                            directory: Path) -> None:
         with torch.device("meta"):
             model = LlamaForCausalLM(config)
         model.load_state_dict(state, strict=True, assign=True)
         model.config.use_cache = True
         if dtype is not None:
             model.config.dtype = dtype
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         vocab = self.vocabulary
@@ -445,8 +463,10 @@ class PretrainStage(StageModule):
         }, indent=2))
 
     def on_fit_end(self) -> None:
-        # Every rank enters export (gathering FSDP2 shards is a collective); rank 0 writes.
+        # Every rank checks its shards and enters export (gathering FSDP2 shards is a collective); rank 0
+        # writes. The check first, on all ranks, so that no rank is left waiting when rank 0 refuses.
         if self.export_dir:
+            self.check_exportable(cast_to=_dtype(self.export_dtype))
             self.export(self.export_dir)
             if self._trainer is not None:
                 self.trainer.strategy.barrier("pretrain_export")

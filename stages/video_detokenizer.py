@@ -62,6 +62,7 @@ class VideoDetokenizerStage(StageModule):
         direction_clips: validation clips reconstructed for ``val/direction_agreement`` (0: off).
         val_seed: base seed of validation noise and sampling.
         export_dir: where ``fit`` writes ``video_detokenizer.safetensors`` + ``.json`` at the end.
+        max_nonfinite_steps: non-finite optimizer steps in a row that stop ``fit`` (``StageModule``).
     """
 
     export_name = EXPORT_NAME
@@ -71,8 +72,9 @@ class VideoDetokenizerStage(StageModule):
                  gradient_checkpointing: bool = False, sample_steps: int = 25,
                  sample_guidance: tuple[float, float] = (1.0, 4.0), direction_clips: int = 8, val_seed: int = 0,
                  optimizer: OptimizerConfig | None = None, init_from: str | None = None,
-                 export_dir: str | None = None):
-        super().__init__(optimizer=optimizer, init_from=init_from, export_dir=export_dir)
+                 export_dir: str | None = None, max_nonfinite_steps: int = 20):
+        super().__init__(optimizer=optimizer, init_from=init_from, export_dir=export_dir,
+                         max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
         if motion_source not in MOTION_SOURCES:
             raise ValueError(f"motion_source must be one of {MOTION_SOURCES}, got {motion_source!r}")

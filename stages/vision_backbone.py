@@ -37,14 +37,16 @@ class VisionBackboneStage(StageModule):
         probe_words: group name -> mutually exclusive words whose held-out accuracy is logged.
         optimizer: AdamW + cosine.
         export_dir: where ``fit`` writes ``vision_backbone`` at the end.
+        max_nonfinite_steps: non-finite optimizer steps in a row that stop ``fit`` (``StageModule``).
     """
 
     export_name = "vision_backbone"
 
     def __init__(self, model: CaptionWordPretrainingConfig | None = None,
                  probe_words: dict[str, list[str]] | None = None, optimizer: OptimizerConfig | None = None,
-                 export_dir: str | None = None):
-        super().__init__(optimizer=optimizer, init_from=None, export_dir=export_dir)
+                 export_dir: str | None = None, max_nonfinite_steps: int = 20):
+        super().__init__(optimizer=optimizer, init_from=None, export_dir=export_dir,
+                         max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
         self.model = CaptionWordPretraining(model or CaptionWordPretrainingConfig())
         self.probe_words = {name: [w.lower() for w in words] for name, words in (probe_words or {}).items()}

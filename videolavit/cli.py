@@ -7,12 +7,19 @@ combined with a stage's ``init_from`` (resuming restores the run; ``init_from`` 
 another stage's export), and a ``predict`` that has no weights to load or no prediction writer to keep
 its output (``callbacks.token_dump.TokenDumpWriter``). ``predict`` streams through the writer and does
 not also collect every prediction in memory.
+
+``--ckpt_path last`` is resolved here, not by Lightning: the newest ``last*.ckpt`` of the ModelCheckpoint
+directories, and when that file is empty or cut short (a kill while it was written) the newest readable
+checkpoint in the same directory, with a warning. These user errors, and a run stopped by
+``stages.nonfinite_guard`` (non-finite steps in a row, or weights it refuses to export), end in one line on
+stderr: exit 2 and 1.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -21,12 +28,70 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
+from stages.nonfinite_guard import NonFiniteExportError, NonFiniteTrainingError
 
 
 class ConfigError(ValueError):
     """A training configuration that would silently do the wrong thing."""
+
+
+class NoValidCheckpointError(ConfigError):
+    """``--ckpt_path last`` found checkpoints, but none of them can be read."""
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint to resume from (None: it looks whole). Cheap: reads the zip
+    directory of a ``torch.save`` file, not its tensors; a distributed checkpoint (a directory) needs its
+    ``.metadata``, which is written last."""
+    if path.is_dir():
+        return None if (path / ".metadata").is_file() else "a checkpoint directory without .metadata"
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if size == 0:
+        return "empty"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return f"not a complete torch checkpoint ({size} bytes; truncated?)"
+    if not any(m.filename.endswith("/data.pkl") or m.filename == "data.pkl" for m in members):
+        return "a zip file without data.pkl: not a torch checkpoint"
+    if any(m.header_offset + m.compress_size > size for m in members):
+        return f"truncated ({size} bytes)"
+    return None
+
+
+def _newest_first(paths: list[Path]) -> list[Path]:
+    return sorted(paths, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+
+
+def resolve_last_checkpoint(dirs: list[Path]) -> Path:
+    """The checkpoint ``--ckpt_path last`` resumes from: the newest ``last*.ckpt`` in ``dirs`` if it is whole,
+    else (with a warning) the newest whole checkpoint of the same directory."""
+    lasts = _newest_first([p for d in dirs if d.is_dir() for p in d.glob("last*.ckpt")])
+    if not lasts:
+        raise ConfigError(f"--ckpt_path last: no last*.ckpt in {[str(d) for d in dirs]}; drop --ckpt_path to start "
+                          "a new run, or set --ckpt_path to a checkpoint file")
+    last = lasts[0]
+    problem = checkpoint_problem(last)
+    if problem is None:
+        return last
+    candidates = _newest_first([p for p in last.parent.glob("*.ckpt") if p != last])
+    rejected = [f"{last.name} ({problem})"]
+    for candidate in candidates:
+        reason = checkpoint_problem(candidate)
+        if reason is None:
+            rank_zero_warn(f"--ckpt_path last: {last} is {problem}; resuming from {candidate}, the newest readable "
+                           "checkpoint in that directory (the steps after it are trained again)")
+            return candidate
+        rejected.append(f"{candidate.name} ({reason})")
+    raise NoValidCheckpointError(f"--ckpt_path last: no readable checkpoint in {last.parent}: {'; '.join(rejected)}. "
+                                 "Set --ckpt_path to a good checkpoint file, or drop it to start a new run")
 
 
 class VideoLavitCLI(LightningCLI):
@@ -59,9 +124,10 @@ class VideoLavitCLI(LightningCLI):
                     if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None]
             if not dirs:
                 raise ConfigError("--ckpt_path last needs a ModelCheckpoint with a fixed dirpath (with the default "
-                                  "log dir every run is a new version and Lightning would start from scratch)")
-            if not any(d.is_dir() and any(d.glob("last*.ckpt")) for d in dirs):
-                raise ConfigError(f"--ckpt_path last: no last*.ckpt in {[str(d) for d in dirs]}")
+                                  "log dir every run is a new version and Lightning would start from scratch): set "
+                                  "trainer.callbacks' ModelCheckpoint dirpath")
+            # What the trainer call receives (``config_init``), so Lightning does not pick the broken file itself.
+            self.config_init[self.subcommand]["ckpt_path"] = str(resolve_last_checkpoint(dirs))
 
     def _cap_cpu_threads(self) -> None:
         """On CPU, one intra-op thread per free core. Training processes plus DataLoader workers that
@@ -104,13 +170,22 @@ class VideoLavitCLI(LightningCLI):
 
 
 def run_lightning_cli(argv: list[str]) -> VideoLavitCLI:
-    # From the command line LightningCLI reads sys.argv itself (and warns when it is also given as args).
-    return VideoLavitCLI(
-        model_class=pl.LightningModule,
-        subclass_mode_model=True,
-        datamodule_class=pl.LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=None if argv == sys.argv[1:] else argv,
-        auto_configure_optimizers=False,
-    )
+    """Run a trainer command. A ``ConfigError`` (a user error) prints one line and exits 2, like an argument
+    error; a run stopped by non-finite steps or weights (``stages.nonfinite_guard``) prints one line and exits 1."""
+    try:
+        # From the command line LightningCLI reads sys.argv itself (and warns when it is also given as args).
+        return VideoLavitCLI(
+            model_class=pl.LightningModule,
+            subclass_mode_model=True,
+            datamodule_class=pl.LightningDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=None if argv == sys.argv[1:] else argv,
+            auto_configure_optimizers=False,
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (NonFiniteTrainingError, NonFiniteExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
