@@ -17,7 +17,6 @@ import random
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import default_collate
 
 from datamodules.sample_format import decode_sample
