@@ -231,7 +231,7 @@ class UnitWriter:
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
         self.writer = wds.ShardWriter(str(self.partial / f"{unit}-%03d.tar"), maxcount=cfg.max_shard_samples,
-                                      maxsize=cfg.max_shard_bytes, verbose=0, mtime=0.0)
+                                      maxsize=cfg.max_shard_bytes, verbose=0, mtime=0)  # int: no pax header per member
         self.samples: Counter[str] = Counter()
 
     def write(self, sample: dict) -> None:

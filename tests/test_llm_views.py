@@ -6,7 +6,6 @@ text-only and image-text mixing, packing, a deterministic validation stream (wha
 from __future__ import annotations
 
 import csv
-import io
 import json
 import random
 import warnings
@@ -123,16 +122,14 @@ def test_a_clip_missing_from_the_token_sample_skips_its_video_only(tokenizer_dir
 
 def test_bad_token_samples_are_counted_skips_and_the_good_ones_all_arrive(tokenizer_dir):
     corrupt = golden("corrupt")
-    corrupt["keyframe_ids.npy"] = corrupt["keyframe_ids.npy"][:20]  # a cut member
+    corrupt["ids.npy"] = corrupt["ids.npy"][:20]  # a cut member
     high = token_raw("high", {12: [4, 0], 36: [1]}, {12: [0, 4], 36: [2, 2]})  # motion code 4 of 4 codes
     no_motion = golden("no_motion")
-    del no_motion["motion_ids.npy"]
-    empty_clip = golden("empty_clip")  # the writer refuses clips without motion ids: a hand-made member
-    buffer = io.BytesIO()
-    np.save(buffer, np.zeros((2, 0), np.uint16))
-    empty_clip["motion_ids.npy"] = buffer.getvalue()
-    no_keyframes = token_raw("no_kf_member", {12: [4, 0], 36: [1]}, {12: [0, 3], 36: [2, 2]})
-    del no_keyframes["keyframe_ids.npy"]
+    del no_motion["ids.npy"]
+    empty_clip = golden("empty_clip")  # the writer refuses clips without motion ids: a hand-made record
+    record = json.loads(empty_clip["json"])
+    empty_clip["json"] = json.dumps({**record, "motion_tokens": 0}).encode()
+    no_keyframes = token_raw("no_keyframe", {12: [4, 0, 1], 36: []}, {12: [0, 3], 36: [2, 2]})
     bad_json = {**golden("bad_json"), "json": b"{"}
     view = tokens_view(tokenizer_dir, visual_first_prob=1.0, seq_len=256)
     SKIPS.start_stream()

@@ -4,7 +4,6 @@ video; ``--part i/N`` jobs share an output; the command's one-line errors."""
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from pathlib import Path
@@ -46,7 +45,7 @@ def token_samples(out: Path) -> dict[str, dict]:
     """Every raw token sample of an output directory (through its manifest), by key; asserts no key twice."""
     found: dict[str, dict] = {}
     for url in resolve_shards(str(out)):
-        for raw in iter_tar_samples(url, required=("txt", "json", "motion_ids.npy")):
+        for raw in iter_tar_samples(url, required=("txt", "json", "ids.npy")):
             assert raw["__key__"] not in found, f"{raw['__key__']} written twice"
             found[raw["__key__"]] = raw
     return found
@@ -74,7 +73,7 @@ def test_token_shards_hold_the_frozen_tokenizers_ids_per_clip(prepared_shards, e
         meta = video["meta"]
         starts = select_clip_starts(meta["iframes"], meta["num_frames"], 24, 8)
         assert sample.clip_starts == starts and sample.caption == video["caption"]
-        assert found[key]["motion_ids.npy"][:6] == b"\x93NUMPY" and sample.motions.dtype == np.uint16
+        assert found[key]["ids.npy"][:6] == b"\x93NUMPY" and sample.motions.dtype == np.uint16
         with torch.inference_mode():
             fields = torch.stack([clip_motion(video["motion"], s, (8, 8), 24, TOKENIZER_SCALE) for s in starts])
             frames = decode_keyframes(video["mp4"], starts, meta["fps"], size=(56, 56))  # square: no crop
@@ -129,8 +128,7 @@ def test_a_killed_job_resumes_without_losing_or_duplicating_a_video(prepared_sha
     assert totals["resumed_units"] == 2 and totals["written"] == 4 and manifest["complete"]
     resumed = token_samples(out)
     assert set(resumed) == set(reference) and len(resumed) == manifest["written"] == 8
-    assert all(resumed[k]["motion_ids.npy"] == reference[k]["motion_ids.npy"]
-               and resumed[k]["keyframe_ids.npy"] == reference[k]["keyframe_ids.npy"] for k in reference)
+    assert all(resumed[k]["ids.npy"] == reference[k]["ids.npy"] for k in reference)
     assert not (out / ".partial").exists()
 
 
@@ -142,9 +140,9 @@ def test_parts_share_one_output_and_motion_only_shards(prepared_shards, exports,
     assert second["complete"] and second["written"] == 8
     assert second["fingerprint"] == exports_fingerprint(exports, None) and second["codes"]["visual_codes"] is None
     samples = token_samples(out)
-    assert len(samples) == 8 and not any("keyframe_ids.npy" in raw for raw in samples.values())
-    motions = np.load(io.BytesIO(next(iter(samples.values()))["motion_ids.npy"]))
-    assert motions.shape == (2, 16)  # 2 clips x 16 motion codes
+    assert len(samples) == 8 and all(json.loads(raw["json"])["keyframe_lengths"] is None for raw in samples.values())
+    sample = decode_token_sample(next(iter(samples.values())), VOCAB, need_keyframes=False)
+    assert sample.motions.shape == (2, 16) and sample.keyframes is None  # 2 clips x 16 motion codes
 
 
 def test_undecodable_samples_are_counted_skips(exports, tmp_path):

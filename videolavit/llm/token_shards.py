@@ -6,11 +6,12 @@ One WebDataset sample per source video, under the video shard's key:
 ``__key__``         the prepared shard's key (sanitised source id)
 ``txt``             caption, UTF-8
 ``json``            ``{"source_id", "fps", "num_frames", "iframes", "width", "height", "clip_starts",
-                    "keyframe_lengths" (list, or null without keyframe codes), "codes": {"fingerprint",
-                    "motion_codes", "visual_codes" (null without keyframe codes)}}``
-``motion_ids.npy``  uint16 (int32 above 65536 codes) [clips, motion tokens]: motion code ids in [0, motion_codes)
-``keyframe_ids.npy`` the same dtype, [sum of keyframe_lengths]: every clip's keyframe code ids, concatenated
-                    (variable length per clip); absent without a keyframe tokenizer
+                    "motion_tokens" (motion ids per clip), "keyframe_lengths" (keyframe ids per clip, or null
+                    without keyframe codes), "codes": {"fingerprint", "motion_codes", "visual_codes" (null
+                    without keyframe codes)}}``
+``ids.npy``         one packed 1-D uint16 array (int32 above 65536 codes): the clips' motion ids (clips x
+                    ``motion_tokens``, clip by clip), then every clip's keyframe ids, concatenated (variable length
+                    per clip: ``keyframe_lengths`` are the offsets)
 ==================  ==========================================================================================
 
 Clips are those of ``clip_starts`` (``select_clip_starts`` at the job's ``max_clips``), in time order; codes, not
@@ -32,8 +33,8 @@ import numpy as np
 from videolavit.llm.vocabulary import Vocabulary
 from videolavit.video import errors
 
-CAPTION, META, MOTION_IDS, KEYFRAME_IDS = "txt", "json", "motion_ids.npy", "keyframe_ids.npy"
-TOKEN_FIELDS = (CAPTION, META, MOTION_IDS)
+CAPTION, META, IDS = "txt", "json", "ids.npy"
+TOKEN_FIELDS = (CAPTION, META, IDS)
 
 # skip reasons (counted by the readers)
 IDS_OUT_OF_RANGE = "ids_out_of_range"
@@ -69,18 +70,17 @@ def encode_token_sample(key: str, caption: str, meta: dict, clip_starts: list[in
     motions = np.asarray(motions)
     if motions.ndim != 2 or motions.shape[0] != len(clip_starts) or motions.shape[1] == 0:
         raise ValueError(f"{key}: motion ids {motions.shape} for {len(clip_starts)} clips")
+    if keyframes is not None and len(keyframes) != len(clip_starts):
+        raise ValueError(f"{key}: {len(keyframes)} keyframes for {len(clip_starts)} clips")
     record = {name: meta.get(name) for name in META_KEYS}
-    record.update(clip_starts=[int(s) for s in clip_starts],
+    record.update(clip_starts=[int(s) for s in clip_starts], motion_tokens=int(motions.shape[1]),
                   keyframe_lengths=[int(len(k)) for k in keyframes] if keyframes is not None else None,
                   codes={"fingerprint": fingerprint, "motion_codes": int(motion_codes),
                          "visual_codes": int(visual_codes) if keyframes is not None else None})
-    members = {"__key__": key, CAPTION: caption.encode("utf-8"),
-               META: json.dumps(record, sort_keys=True).encode("utf-8"),
-               MOTION_IDS: _npy(motions.astype(code_dtype(motion_codes)))}
-    if keyframes is not None:
-        flat = np.concatenate([np.asarray(k, dtype=np.int64) for k in keyframes]) if keyframes else np.zeros(0)
-        members[KEYFRAME_IDS] = _npy(flat.astype(code_dtype(visual_codes)))
-    return members
+    parts = [motions.reshape(-1).astype(np.int64)] + [np.asarray(k, dtype=np.int64) for k in keyframes or []]
+    dtype = code_dtype(max(motion_codes, visual_codes or 0))
+    return {"__key__": key, CAPTION: caption.encode("utf-8"),
+            META: json.dumps(record, sort_keys=True).encode("utf-8"), IDS: _npy(np.concatenate(parts).astype(dtype))}
 
 
 @dataclasses.dataclass
@@ -131,37 +131,40 @@ def decode_token_sample(raw: dict, vocabulary: Vocabulary, need_keyframes: bool 
 
     ``fingerprints``: the export fingerprints the reader accepts (None: any with the vocabulary's code counts)."""
     key = raw.get("__key__", "?")
-    if MOTION_IDS not in raw:
-        raise TokenSampleSkip(MISSING_MOTION_IDS, f"{key}: no {MOTION_IDS} member")
     missing = [name for name in (CAPTION, META) if name not in raw]
     if missing:
         raise TokenSampleSkip(errors.CORRUPT_SAMPLE, f"{key}: missing member(s) {missing}")
+    if IDS not in raw:
+        raise TokenSampleSkip(MISSING_MOTION_IDS, f"{key}: no {IDS} member")
     try:
         meta = json.loads(raw[META])
         caption = raw[CAPTION].decode("utf-8")
-        motions = np.load(io.BytesIO(raw[MOTION_IDS]), allow_pickle=False)
-        flat = (np.load(io.BytesIO(raw[KEYFRAME_IDS]), allow_pickle=False)
-                if need_keyframes and KEYFRAME_IDS in raw else None)
+        ids = np.load(io.BytesIO(raw[IDS]), allow_pickle=False)
         codes, starts = meta["codes"], [int(s) for s in meta["clip_starts"]]
+        per_clip, lengths = int(meta["motion_tokens"]), meta["keyframe_lengths"]
     except (ValueError, UnicodeDecodeError, OSError, EOFError, KeyError, TypeError) as exc:
         raise TokenSampleSkip(errors.CORRUPT_SAMPLE, f"{key}: {type(exc).__name__}: {exc}") from None
     _check_codes(codes, vocabulary, fingerprints, need_keyframes, key)
-    if motions.ndim != 2 or motions.shape[0] != len(starts) or not starts:
-        raise TokenSampleSkip(errors.CORRUPT_SAMPLE, f"{key}: motion ids {motions.shape} for clips {starts}")
-    if motions.shape[1] == 0:
+    if not starts or ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise TokenSampleSkip(errors.CORRUPT_SAMPLE, f"{key}: ids {ids.shape} {ids.dtype} for clips {starts}")
+    if per_clip <= 0:
         raise TokenSampleSkip(MISSING_MOTION_IDS, f"{key}: clips without motion ids")
-    if motions.dtype.kind not in "iu" or int(motions.min()) < 0 or int(motions.max()) >= vocabulary.motion_codes:
+    motion_size = len(starts) * per_clip
+    keyframe_size = sum(lengths) if lengths is not None else 0
+    if ids.size != motion_size + keyframe_size or (lengths is not None and len(lengths) != len(starts)):
+        raise TokenSampleSkip(errors.CORRUPT_SAMPLE, f"{key}: {ids.size} ids for {len(starts)} clips of {per_clip} "
+                                                     f"motion ids and keyframes of {lengths}")
+    motions = ids[:motion_size].reshape(len(starts), per_clip)
+    if int(motions.min()) < 0 or int(motions.max()) >= vocabulary.motion_codes:
         raise TokenSampleSkip(IDS_OUT_OF_RANGE, f"{key}: motion ids outside [0, {vocabulary.motion_codes})")
     keyframes = None
     if need_keyframes:
-        lengths = meta.get("keyframe_lengths")
-        if flat is None or lengths is None:
-            raise TokenSampleSkip(MISSING_KEYFRAME_IDS, f"{key}: no {KEYFRAME_IDS} member")
-        if flat.ndim != 1 or len(lengths) != len(starts) or sum(lengths) != flat.size:
-            raise TokenSampleSkip(errors.CORRUPT_SAMPLE, f"{key}: keyframe ids {flat.shape} for lengths {lengths}")
+        if lengths is None:
+            raise TokenSampleSkip(MISSING_KEYFRAME_IDS, f"{key}: tokenized without keyframe ids")
         if min(lengths) <= 0:
             raise TokenSampleSkip(MISSING_KEYFRAME_IDS, f"{key}: a clip without keyframe ids")
-        if flat.dtype.kind not in "iu" or int(flat.min()) < 0 or int(flat.max()) >= vocabulary.visual_codes:
+        flat = ids[motion_size:]
+        if int(flat.min()) < 0 or int(flat.max()) >= vocabulary.visual_codes:
             raise TokenSampleSkip(IDS_OUT_OF_RANGE, f"{key}: keyframe ids outside [0, {vocabulary.visual_codes})")
         keyframes = np.split(flat, np.cumsum(lengths)[:-1])
     return TokenSample(key, caption, meta, starts, motions, keyframes)
