@@ -151,8 +151,16 @@ def unit_done(out: Path, unit: str, fingerprint: str, settings: dict) -> bool:
     if record.get("settings") != settings:
         raise TokenizeError(f"{out} holds token shards made with other settings {record.get('settings')} (now "
                             f"{settings}; {marker}): use another --out or the same settings")
+    if record.get("source_bytes") != _source_bytes(record.get("source", "")):
+        return False  # the input shard was replaced since: tokenise it again
     return all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
                for s in record["shards"])
+
+
+def _source_bytes(url: str) -> int | None:
+    """Size of a local input shard (None for remote URLs), recorded to notice a replaced input."""
+    path = Path(url)
+    return path.stat().st_size if path.is_file() else None
 
 
 def write_manifest(out: Path) -> dict:
@@ -313,7 +321,8 @@ class Tokenizer:
             skipped_items.append({"key": url, "reason": reason, "detail": f"{count} while reading", "unit": unit})
         shards = writer.publish()
         vocab = self.coder.vocabulary
-        record = {"unit": unit, "source": url, "units_total": units_total, "written": written, "clips": clips,
+        record = {"unit": unit, "source": url, "source_bytes": _source_bytes(url), "units_total": units_total,
+                  "written": written, "clips": clips,
                   "skipped": dict(skipped), "skipped_items": skipped_items, "shards": shards,
                   "fingerprint": self.fingerprint, "settings": self.cfg.settings(),
                   "codes": {"motion_codes": vocab.motion_codes,
