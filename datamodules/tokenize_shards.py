@@ -32,6 +32,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import zlib
 from collections import Counter
@@ -123,9 +124,10 @@ def launch_slot() -> tuple[int, int]:
 def list_units(shards: str | list[str]) -> list[tuple[str, str]]:
     """(unit name, input shard URL) of every input shard; names are the shards' file stems (must be unique)."""
     units = []
-    for url in resolve_shards(shards):
-        name = Path(url.split("::")[-1].rstrip("/").split(" ")[-1]).name.split(".")[0]
-        units.append((name, url))
+    for index, url in enumerate(resolve_shards(shards)):
+        # the last "<name>.tar" in the URL (a path, or inside a pipe: command such as "pipe:aws s3 cp ... -")
+        found = re.findall(r"([^/\s]+?)\.tar\b", url)
+        units.append((found[-1] if found else f"shard{index:06d}", url))
     names = [n for n, _ in units]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -355,7 +357,6 @@ def _expected_videos(shards, urls: list[str]) -> int | None:
 
 def run_process(cfg: TokenizeConfig, device_index: int) -> dict:
     """Tokenise this process' units (slot: part x launch rank x device); returns its totals."""
-    torch.set_grad_enabled(False)
     out = Path(cfg.out)
     units = list_units(cfg.shards)
     rank, world = launch_slot()

@@ -56,6 +56,7 @@ def test_token_shards_hold_the_frozen_tokenizers_ids_per_clip(prepared_shards, e
     from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
 
     manifest, totals = run(prepared_shards, exports, tmp_path / "tokens")
+    assert torch.is_grad_enabled()  # the job runs in-process here: it leaves the caller's autograd state alone
     assert manifest["complete"] and manifest["written"] == 8 == totals["written"] and manifest["skipped"] == {}
     assert manifest["fingerprint"] == exports_fingerprint(exports, exports)
     assert manifest["codes"] == {"motion_codes": 32, "visual_codes": 16}
