@@ -1,4 +1,8 @@
-"""Token dump: stream a tokenizer stage's ``predict`` output to disk so the LLM stages can read it back.
+"""Token dump: stream a tokenizer stage's ``predict`` output to disk as JSONL, for inspection and debugging.
+
+Training does not read these dumps: the LLM stages read token shards written by ``python -m videolavit tokenize``
+(``datamodules.tokenize_shards``: WebDataset tars, streamed, fingerprinted). A dump is a quick look at what a
+tokenizer checkpoint makes of a corpus (ids per clip, one JSON line each), e.g. to compare two checkpoints.
 
 Dump the motion tokens of a trained stage 1a run (the val shards, or the train shards when the config
 has none; override ``--data.init_args.val_shards`` to dump another corpus)::

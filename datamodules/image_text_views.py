@@ -3,8 +3,9 @@
 The shared ``VideoDataModule`` drives it like any view (batching, workers, ranks, the epoch cut), but the
 examples come from ``{"image": path, "caption": str}`` lines (paths relative to the file's directory; the
 format ``synth --stills-per-video`` writes and ``PretrainSequenceView(image_text=...)`` reads), not from the
-shards, which are never read. Each rank × DataLoader worker reads its own share of the lines: in training
-endlessly, reshuffled every pass; in validation once, in file order.
+shards, which are never read. Each rank × DataLoader worker streams its own share of the lines
+(``datamodules.line_streams``): in training endlessly, shuffled within a bounded buffer pass by pass; in
+validation once, in file order.
 
 Example keys: ``image`` uint8 [3, S, S] (resized, centre-cropped; in training shifted by up to ``shift_px``
 pixels, wrapping around, so the model cannot tie words to positions), ``caption`` str. Unreadable images
@@ -19,8 +20,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from datamodules.instruct_views import load_image_text_pair
-from datamodules.llm_views import _reader_slot, read_text_lines
+from datamodules.image_files import load_image_text_pair
+from datamodules.line_streams import reader_lines
 from datamodules.skip_tracker import SKIPS
 from datamodules.views import SampleView, register_view
 
@@ -34,33 +35,32 @@ class ImageTextView(SampleView):
         shift_px: largest random shift in training (0: none).
         cache_images: keep every decoded image of this reader's share in memory (uint8, 3·S² bytes each), so
             each file is decoded once instead of once per pass: for small still sets, where decoding dominates.
+        shuffle_buffer: lines held for shuffling in training (the file itself is streamed, never held).
     """
 
     need_video = False
 
     def __init__(self, image_text: str | None = None, val_image_text: str | None = None, image_size: int = 224,
-                 shift_px: int = 0, cache_images: bool = False):
+                 shift_px: int = 0, cache_images: bool = False, shuffle_buffer: int = 1000):
         super().__init__()
         if shift_px < 0:
             raise ValueError(f"shift_px must be >= 0, got {shift_px}")
         self.image_text, self.val_image_text = image_text, val_image_text
         self.image_size, self.shift_px = int(image_size), int(shift_px)
         self.cache_images = cache_images
+        self.shuffle_buffer = int(shuffle_buffer)
         self._cache: dict[str, tuple[torch.Tensor, str]] = {}  # JSONL line -> (uint8 image, caption)
 
-    def _lines(self, train: bool) -> list[str]:
+    def _lines(self, train: bool, rng: random.Random) -> Iterator[str]:
+        """This reader's share of the lines, streamed (``line_streams.reader_lines``)."""
         path = self.image_text if train else self.val_image_text
         if path is None:
             if train:
                 raise ValueError("ImageTextView: set image_text (a JSONL of image-caption pairs) to train")
-            return []
+            return iter(())
         if not Path(path).is_file():
             raise FileNotFoundError(f"image-text file {path} does not exist")
-        slot, slots = _reader_slot()
-        lines = list(read_text_lines(path, slot, slots))
-        if train and not lines:  # more readers than lines: every reader takes them all
-            lines = list(read_text_lines(path))
-        return lines
+        return reader_lines(path, train, rng, self.shuffle_buffer)
 
     def example(self, line: str, root: Path, train: bool, rng: random.Random) -> dict | None:
         cached = self._cache.get(line)
@@ -80,16 +80,9 @@ class ImageTextView(SampleView):
     def __call__(self, samples: Iterable[dict], train: bool = False, rng: random.Random | None = None
                  ) -> Iterator[dict]:
         rng = rng or random.Random(0)
-        lines = self._lines(train)
+        lines = self._lines(train, rng)
         root = Path(self.image_text if train else self.val_image_text or ".").parent
-
-        def passes() -> Iterator[str]:
-            while lines:
-                order = list(lines)
-                rng.shuffle(order)
-                yield from order
-
-        for line in passes() if train else lines:
+        for line in lines:
             example = self.example(line, root, train, rng)
             if example is not None:
                 SKIPS.delivered()

@@ -1,16 +1,18 @@
 """Instruction-tuning view for stage 3 (DESIGN §8): video (and image) conversations -> token rows.
 
-``InstructionSequenceView`` reads the same decomposed shards as every other stage. For each shard sample
-(a video) it looks up the video's conversations in local annotation files by video id:
+``InstructionSequenceView`` reads token shards (``python -m videolavit tokenize``), as stage 2 does. Joining the
+conversations to the videos: the conversations are held in memory, indexed by video key (10^5-10^6 annotation
+records are small next to the video corpus' ids), and the token shards stream past; each token sample whose key
+has conversations yields them, the others are counted (``no_conversation``). So memory grows with the
+annotation file, never with the video corpus, and the shards keep their rank/worker split. The annotation files:
 
 * our synthetic corpus' ``qa.json`` (``[{"video_id", "question", "answer", "attribute"}]``; each video has
   one shape, one colour and one direction question),
 * Video-ChatGPT / VideoInstruct-100K JSON (``[{"video_id", "q", "a"}]``, or the LLaVA conversation form
   with ``"video"``),
 
-and tokenises the video's clips with the frozen stage-1 tokenizers exactly as stage 2 does
-(``datamodules.llm_views.VideoTokenView``: keyframe codes from the tokenizer or a dump, motion codes from
-the tokenizer or a dump, the same clip selection and cache). The clip ids replace the ``<video>``
+and the video's clip ids come from its token sample exactly as in stage 2 (``datamodules.llm_views.VideoTokenView``:
+the same clip selection, keyframe and motion ids, checks). The clip ids replace the ``<video>
 placeholder of the first user turn and the conversation is encoded with the "v1" template
 (``videolavit.llm.conversation``): labels are -100 everywhere except the assistant turns and the eos
 that closes each of them.
@@ -18,8 +20,8 @@ that closes each of them.
 A second, optional source mixes in LLaVA image conversations (LLaVA-665k JSON: ``"image"`` paths relative
 to ``image_root``; items without an image are text-only conversations): each image is read from its local
 file, resized and centre-cropped to the keyframe tokenizer's input, and tokenised into
-``[IMG] codes [/IMG]`` by the keyframe tokenizer (``image_tokenizer_export``, default
-``keyframe_tokenizer_export``). ``weights`` mix the sources in conversations, as stage 2 mixes text.
+``[IMG] codes [/IMG]`` by the keyframe tokenizer (``image_tokenizer_export``, default ``tokenizer_exports``).
+``weights`` mix the sources in conversations, as stage 2 mixes text.
 
 Several conversations of one video (``turns``):
 
@@ -67,13 +69,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
 
-from datamodules.llm_views import KeyframeSource, MotionSource, VideoTokenView, _reader_slot
-from datamodules.sample_format import decode_sample, sanitize_key
+from datamodules.line_streams import reader_slot
+from datamodules.image_files import UNREADABLE_IMAGE, load_image
+from datamodules.llm_views import KeyframeSource, VideoTokenView
+from datamodules.sample_format import sanitize_key
 from datamodules.skip_tracker import SKIPS
-from datamodules.views import _resize_crop_box
 from videolavit.inference.video_chat import template_by_name
 from videolavit.llm.conversation import (
     VIDEO_PLACEHOLDER,
@@ -93,7 +94,6 @@ log = logging.getLogger(__name__)
 NO_CONVERSATION = "no_conversation"              # a shard video without annotations
 CONVERSATION_TOO_LONG = "conversation_too_long"  # longer than seq_len (overlong="skip", or nothing left)
 MISSING_IMAGE = "missing_image"                  # an image conversation whose file is not there
-UNREADABLE_IMAGE = "unreadable_image"            # ... whose file cannot be decoded
 UNSUPPORTED_MEDIA = "unsupported_media"          # a video item in the image-conversation file
 
 ConversationFormat = Literal["auto", "synthetic_qa", "video_qa", "llava"]
@@ -146,38 +146,6 @@ def index_by_video(samples: Iterable[ConversationSample]) -> dict[str, list[Conv
     return index
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """float [3, size, size] in [0, 1]: the image resized (aspect kept) and centre-cropped; raises
-    ``VideoSkip(UNREADABLE_IMAGE)`` for a file FFmpeg cannot decode."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            frame = next(container.decode(video=0))
-            height, width = frame.height, frame.width
-            (rh, rw), (ys, xs) = _resize_crop_box(height, width, (size, size))
-            pixels = frame.to_ndarray(format="rgb24", height=rh, width=rw, interpolation="BICUBIC")[ys, xs]
-    except (av.error.FFmpegError, StopIteration, ValueError, IndexError) as exc:
-        raise errors.VideoSkip(UNREADABLE_IMAGE, f"{path}: {type(exc).__name__}: {exc}") from None
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div(255.0)
-
-
-def load_image_text_pair(line: str, root: Path, size: int) -> tuple[torch.Tensor, str, Path] | None:
-    """One JSONL line ``{"image": path relative to root, "caption": str}`` -> (image as ``load_image``, caption,
-    image path); a bad line (``bad_image_text_record``) or an unreadable image is a counted skip (None)."""
-    try:
-        record = json.loads(line)
-        image, caption = root / record["image"], str(record["caption"])
-    except (ValueError, KeyError, TypeError) as exc:
-        SKIPS.record(line[:80], "bad_image_text_record", f"{type(exc).__name__}: {exc}")
-        return None
-    try:
-        return load_image(image, size), caption, image
-    except errors.VideoSkip as skip:
-        SKIPS.record(str(image), skip.reason, skip.detail)
-        return None
-
-
 @dataclasses.dataclass
 class InstructRow(PackedRow):
     """A packed row plus the held-out questions it carries (validation only)."""
@@ -200,7 +168,7 @@ ALL_TOO_LONG_AFTER = 64  # this many conversations too long for a row, and none 
 class InstructionSequenceView(VideoTokenView):
     """Conversation rows for stage 3 (module docstring: sources, skips, batch keys).
 
-    Args (besides ``VideoTokenView``'s: tokenizer, vocabulary, seq_len, code sources, open_rows, cache, clips):
+    Args (besides ``VideoTokenView``'s: tokenizer, vocabulary, seq_len, keyframe source, exports, open_rows, clips):
         conversations: local annotation file(s) of the training videos (synthetic ``qa.json``, Video-ChatGPT
             JSON or LLaVA-form video conversations).
         val_conversations: the same for the validation shards (None: ``conversations``).
@@ -209,8 +177,6 @@ class InstructionSequenceView(VideoTokenView):
         image_conversations: LLaVA JSON of image (and text-only) conversations to mix in (None: none).
         val_image_conversations: the same for validation (None: validation has video conversations only).
         image_root: directory the ``image`` paths are relative to.
-        image_tokenizer_export: keyframe tokenizer export that tokenises images (None:
-            ``keyframe_tokenizer_export``; set it when video keyframes come from a dump).
         weights: mixing weights, ``video`` and ``image``, in conversations.
         template: ``"v1"`` (LLaVA v1.5; paper) or ``"video_lavit_release"``.
         overlong: ``"skip"`` or ``"truncate"`` conversations longer than ``seq_len``.
@@ -224,26 +190,22 @@ class InstructionSequenceView(VideoTokenView):
                  conversation_format: ConversationFormat = "auto",
                  turns: Literal["separate", "merged"] = "separate",
                  image_conversations: str | None = None, val_image_conversations: str | None = None,
-                 image_root: str | None = None, image_tokenizer_export: str | None = None,
-                 weights: dict[str, float] | None = None, template: str = "v1",
+                 image_root: str | None = None, weights: dict[str, float] | None = None, template: str = "v1",
                  overlong: Literal["skip", "truncate"] = "skip", pack: bool = True,
-                 motion_source: MotionSource = "tokenizer", motion_tokenizer_export: str | None = None,
-                 token_dump: str | None = None, keyframe_source: KeyframeSource = "tokenizer",
-                 keyframe_tokenizer_export: str | None = None, keyframe_backbone_weights: str | None = None,
-                 open_rows: int = 4, tokenizer_device: str = "cpu", cache_videos: int = 0,
-                 clip_frames: int = CLIP_FRAMES, max_clips: int = 8, clips_per_video: str = "all"):
-        super().__init__(tokenizer_path, vocabulary=vocabulary, seq_len=seq_len, motion_source=motion_source,
-                         motion_tokenizer_export=motion_tokenizer_export, token_dump=token_dump,
-                         keyframe_source=keyframe_source, keyframe_tokenizer_export=keyframe_tokenizer_export,
-                         keyframe_backbone_weights=keyframe_backbone_weights, open_rows=open_rows,
-                         tokenizer_device=tokenizer_device, cache_videos=cache_videos, clip_frames=clip_frames,
-                         max_clips=max_clips, clips_per_video=clips_per_video)
+                 keyframe_source: KeyframeSource = "tokens", tokenizer_exports: str | None = None,
+                 image_tokenizer_export: str | None = None, keyframe_backbone_weights: str | None = None,
+                 open_rows: int = 4, tokenizer_device: str = "cpu", clip_frames: int = CLIP_FRAMES,
+                 max_clips: int = 8, clips_per_video: str = "all"):
+        super().__init__(tokenizer_path, vocabulary=vocabulary, seq_len=seq_len, keyframe_source=keyframe_source,
+                         tokenizer_exports=tokenizer_exports, image_tokenizer_export=image_tokenizer_export,
+                         keyframe_backbone_weights=keyframe_backbone_weights, tokenizer_device=tokenizer_device,
+                         open_rows=open_rows, clip_frames=clip_frames, max_clips=max_clips,
+                         clips_per_video=clips_per_video)
         as_list = lambda x: [x] if isinstance(x, str) else list(x or [])  # noqa: E731
         self.conversations, self.val_conversations = as_list(conversations), as_list(val_conversations)
         self.conversation_format, self.turns = conversation_format, turns
         self.image_conversations, self.val_image_conversations = image_conversations, val_image_conversations
         self.image_root = image_root
-        self.image_tokenizer_export = image_tokenizer_export or keyframe_tokenizer_export
         self.weights = dict(weights) if weights is not None else {"video": 1.0, "image": 1.0}
         self.overlong, self.pack = overlong, bool(pack)
         self.instruct_stats = InstructStats()
@@ -261,7 +223,7 @@ class InstructionSequenceView(VideoTokenView):
                              f"got {self.weights}")
         if (image_conversations or val_image_conversations) and self.image_tokenizer_export is None:
             raise ValueError("image conversations are tokenised by a keyframe tokenizer: set image_tokenizer_export "
-                             "(or keyframe_tokenizer_export)")
+                             "(or tokenizer_exports)")
         self._indexes: dict[bool, dict[str, list[ConversationSample]]] = {}
         self._images: dict[bool, list[ConversationSample]] = {}
 
@@ -346,19 +308,17 @@ class InstructionSequenceView(VideoTokenView):
         for raw in samples:
             key = raw.get("__key__", "?")
             try:
-                sample = decode_sample(raw, need_video=self.need_video)
-                items = self.conversations_of(sample["key"], sample["meta"], train)
+                sample = self.token_sample(raw)
+                items = self.conversations_of(sample.key, sample.meta, train)
                 if not items:
                     files = self.conversations if train or not self.val_conversations else self.val_conversations
                     raise errors.VideoSkip(NO_CONVERSATION, f"{key}: not in {files}")
-                starts = self.clip_starts(sample, train, rng)
-                keyframes, motions = self.video_codes(sample, starts)
+                video = self.video_tokens(sample, train, rng)
             except errors.VideoSkip as skip:
                 SKIPS.record(key, skip.reason, skip.detail)
                 continue
-            video = self.video_ids(keyframes, motions)
             if questions is not None:
-                questions.extend(self.questions_of(sample["key"], items, video))
+                questions.extend(self.questions_of(sample.key, items, video))
             for messages in self.video_conversations(items, train, rng):
                 doc = self.encode(messages, [video], key)
                 if doc is not None:
@@ -403,7 +363,7 @@ class InstructionSequenceView(VideoTokenView):
         items = self.image_items(train)
         if not items:
             raise ValueError(f"{self.image_conversations if train else self.val_image_conversations} holds no item")
-        slot, slots = _reader_slot()
+        slot, slots = reader_slot()
         mine = items[slot::slots] or items  # fewer items than readers: draw from all
 
         def one_pass(order: list[ConversationSample]) -> Iterator[TokenSequence]:

@@ -17,7 +17,6 @@ import random
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import default_collate
 
 from datamodules.sample_format import decode_sample
@@ -25,6 +24,8 @@ from datamodules.skip_tracker import SKIPS, SKIPS_KEY
 from videolavit.video import errors
 from videolavit.video.clips import CLIP_FRAMES, RELEASE_GRID, clip_motion, select_clip_starts
 from videolavit.video.frames import decode_clip, decode_keyframes
+from videolavit.video.crop import resize_crop_box as _resize_crop_box
+from videolavit.video.crop import to_chw as _to_chw
 from videolavit.video.motion_grid import TOKENIZER_SCALE
 
 VIEWS: dict[str, type["SampleView"]] = {}
@@ -107,15 +108,6 @@ class MotionView(SampleView):
                    "key": sample["key"], "clip_start": start}
 
 
-def _resize_crop_box(height: int, width: int, target: tuple[int, int]) -> tuple[tuple[int, int], tuple[slice, slice]]:
-    """Resize size keeping aspect so the target is covered, and the centre-crop slices after it."""
-    th, tw = target
-    scale = max(th / height, tw / width)
-    rh, rw = max(th, round(height * scale)), max(tw, round(width * scale))
-    top, left = (rh - th) // 2, (rw - tw) // 2
-    return (rh, rw), (slice(top, top + th), slice(left, left + tw))
-
-
 def _crop_grid(motion: np.ndarray, height: int, width: int, target: tuple[int, int]) -> np.ndarray:
     """Crop a macroblock grid [T, 2, rows, cols] to the same centre region as the frames."""
     (rh, rw), (ys, xs) = _resize_crop_box(height, width, target)
@@ -123,10 +115,6 @@ def _crop_grid(motion: np.ndarray, height: int, width: int, target: tuple[int, i
     r0, r1 = int(np.floor(ys.start / rh * rows)), int(np.ceil(ys.stop / rh * rows))
     c0, c1 = int(np.floor(xs.start / rw * cols)), int(np.ceil(xs.stop / rw * cols))
     return motion[..., r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)]
-
-
-def _to_chw(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3)  # [..., H, W, 3] -> [..., 3, H, W]
 
 
 @register_view("video")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from videolavit.commands.demo import EXPORTS, NEEDS, STAGES, _passes, _select
+from videolavit.commands.demo import EXPORTS, NEEDS, STAGES, TOKENS, _passes, _select
 from videolavit.commands.demo_schedule import GraphError, Job, JobFailed, check_graph, run_jobs
 from videolavit.video.frames import decode_all_frames
 
@@ -180,10 +180,16 @@ def test_from_stage_reruns_that_job_and_everything_downstream(tmp_path):
     for stage in STAGES:
         (tmp_path / EXPORTS / stage.export).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / EXPORTS / stage.export).touch()
+    with pytest.raises(SystemExit, match="tokens_train/manifest.json"):  # the token shards pretrain reads
+        _select(graph, "pretrain", tmp_path)
+    for out in TOKENS.values():
+        (tmp_path / out).mkdir(parents=True)
+        (tmp_path / out / "manifest.json").touch()
     assert _select(graph, "keyframe_detokenizer", tmp_path) == {"data", "keyframe_detokenizer", "text_to_video"}
     assert _select(graph, "pretrain", tmp_path) == {"data", "pretrain", "instruct", "question_answering",
                                                     "text_to_video"}
     assert _select(graph, "evaluation", tmp_path) == {"data", "question_answering", "text_to_video"}
+    assert _select(graph, "motion_tokenizer", tmp_path) >= {"tokenize", "pretrain", "instruct"}
     assert _select(graph, None, tmp_path) == set(NEEDS)
     with pytest.raises(SystemExit, match="unknown --from-stage 'nope'"):
         _select(graph, "nope", tmp_path)

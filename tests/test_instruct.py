@@ -17,7 +17,6 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from callbacks.token_dump import FORMAT, FORMAT_VERSION
 from datamodules.instruct_views import (
     CONVERSATION_TOO_LONG,
     MISSING_IMAGE,
@@ -25,8 +24,8 @@ from datamodules.instruct_views import (
     InstructionSequenceView,
     load_image,
 )
-from datamodules.sample_format import encode_sample
 from datamodules.skip_tracker import SKIPS
+from datamodules.tokenize_shards import TokenizeConfig, run_tokenize
 from stages.instruct import InstructStage
 from stages.pretrain import PretrainStage
 from videolavit.__main__ import main
@@ -34,8 +33,10 @@ from videolavit.inference.video_chat import VideoChat, generate_text
 from videolavit.llm.conversation import LLAVA_SYSTEM_PROMPT
 from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
 from videolavit.llm.text_tokenizer import BOS_ID, EOS_ID, build_tiny_tokenizer
+from videolavit.llm.token_shards import encode_token_sample
 from videolavit.llm.vocabulary import Vocabulary
 from tests.tensorboard_scalars import scalars
+from tests.tiny_tokenizers import build_tokenizer_exports
 
 X = IGNORE_INDEX
 # [IMG]=300 [/IMG]=301 keyframe codes 302..306 [MOV]=307 [/MOV]=308 motion codes 309..312
@@ -62,36 +63,13 @@ def tokenizer_dir(tmp_path_factory, synthetic_corpus) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def write_dump(directory: Path, name: str, records: dict[tuple[str, int], list[int]], num_codes: int) -> Path:
-    """A finished ``callbacks.token_dump`` directory (one rank file + manifest)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    file_name = f"{name}_tokens.rank00000.jsonl"
-    with open(directory / file_name, "w") as handle:
-        for (key, start), ids in records.items():
-            handle.write(json.dumps({"key": key, "clip_start": start, f"{name}_ids": ids}) + "\n")
-    (directory / f"{name}_tokens.json").write_text(json.dumps({
-        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "files": [file_name],
-        "clips": len(records), "num_tokens": None, "token_grid": None, "num_codes": num_codes}))
-    return directory
-
-
-def raw_sample(key: str, num_frames: int = 60) -> dict:
-    """A shard sample without a real video (dump-based views never decode it): clips start at 12 and 36."""
+def raw_sample(key: str, num_frames: int = 60, vocab: Vocabulary = TINY, keyframes=((4, 0), (1,)),
+               motions=((0, 3), (2, 2))) -> dict:
+    """A token sample as the tokenize job writes it: clips at 12 and 36 with the golden codes (``VIDEO``)."""
     meta = {"source_id": key, "width": 96, "height": 96, "fps": 6, "num_frames": num_frames,
             "iframes": list(range(0, num_frames, 12))}
-    return encode_sample(key, "a caption", meta, b"", np.zeros((num_frames, 2, 6, 6), np.float16))
-
-
-def golden_dump(root: Path, keys=("vid_a",)) -> Path:
-    for key in keys:
-        write_dump(root, "keyframe", {(key, 12): [4, 0, -1], (key, 36): [1, -1, -1]}, TINY.visual_codes)
-        write_dump(root, "motion", {(key, 12): [0, 3], (key, 36): [2, 2]}, TINY.motion_codes)
-    return root
-
-
-def all_dump(root: Path, keys) -> Path:
-    write_dump(root, "keyframe", {(k, s): [4, 0, -1] for k in keys for s in (12, 36)}, TINY.visual_codes)
-    return write_dump(root, "motion", {(k, s): [0, 3] for k in keys for s in (12, 36)}, TINY.motion_codes)
+    return encode_token_sample(key, "a caption", meta, [12, 36], np.array(motions), [np.array(k) for k in keyframes],
+                               "f0", vocab.motion_codes, vocab.visual_codes)
 
 
 def qa_file(path: Path, videos, answers=("circle", "red", "up")) -> Path:
@@ -101,9 +79,9 @@ def qa_file(path: Path, videos, answers=("circle", "red", "up")) -> Path:
     return path
 
 
-def dump_view(tokenizer_dir, dump, conversations, **kwargs) -> InstructionSequenceView:
+def token_view(tokenizer_dir, conversations, **kwargs) -> InstructionSequenceView:
     args = dict(tokenizer_path=str(tokenizer_dir), vocabulary=TINY, seq_len=256, conversations=str(conversations),
-                motion_source="dump", keyframe_source="dump", token_dump=str(dump), open_rows=1)
+                open_rows=1)
     return InstructionSequenceView(**{**args, **kwargs})
 
 
@@ -115,7 +93,7 @@ def tokens(view, text: str) -> list[int]:
 def test_a_video_question_has_the_exact_v1_ids_and_loss_mask(tokenizer_dir, tmp_path):
     (tmp_path / "qa.json").write_text(json.dumps([{"video_id": "vid_a", "question": QUESTIONS[0],
                                                    "answer": "circle", "attribute": "shape"}]))
-    view = dump_view(tokenizer_dir, golden_dump(tmp_path / "dump"), tmp_path / "qa.json", seq_len=200)
+    view = token_view(tokenizer_dir, tmp_path / "qa.json", seq_len=200)
     rows = list(view([raw_sample("vid_a")], train=False))
     assert len(rows) == 1
     row = rows[0]
@@ -144,8 +122,7 @@ def test_a_video_question_has_the_exact_v1_ids_and_loss_mask(tokenizer_dir, tmp_
 
 
 def test_videos_without_conversations_are_counted_skips(tokenizer_dir, tmp_path):
-    view = dump_view(tokenizer_dir, all_dump(tmp_path / "dump", ["vid_a", "vid_b", "vid_c"]),
-                     qa_file(tmp_path / "qa.json", ["vid_a", "vid_c"]))
+    view = token_view(tokenizer_dir, qa_file(tmp_path / "qa.json", ["vid_a", "vid_c"]))
     SKIPS.start_stream()
     rows = list(view([raw_sample("vid_a"), raw_sample("vid_b"), raw_sample("vid_c")], train=False))
     assert SKIPS.counts == Counter({NO_CONVERSATION: 1})
@@ -158,7 +135,7 @@ def test_conversations_longer_than_a_row_are_skipped_or_truncated(tokenizer_dir,
     qa = tmp_path / "qa.json"
     qa.write_text(json.dumps([{"video_id": "vid_a", "question": QUESTIONS[0], "answer": "circle"},
                               {"video_id": "vid_a", "question": QUESTIONS[0], "answer": " ".join(["up"] * 80)}]))
-    view = dump_view(tokenizer_dir, golden_dump(tmp_path / "dump"), qa, overlong=overlong)
+    view = token_view(tokenizer_dir, qa, overlong=overlong)
     short = view.template.encode(view.video_conversations(view.video_index(False)["vid_a"], False,
                                                           random.Random(0))[0], view.tokenizer, [VIDEO])
     view.seq_len = len(short) + 10  # the short conversation fits, the long one does not
@@ -175,7 +152,7 @@ def test_conversations_longer_than_a_row_are_skipped_or_truncated(tokenizer_dir,
 
 def test_a_stream_where_no_conversation_fits_is_a_configuration_error(tokenizer_dir, tmp_path):
     keys = [f"v{i:02d}" for i in range(25)]  # 75 conversations, none fits in 40 tokens
-    view = dump_view(tokenizer_dir, all_dump(tmp_path / "dump", keys), qa_file(tmp_path / "qa.json", keys),
+    view = token_view(tokenizer_dir, qa_file(tmp_path / "qa.json", keys),
                      seq_len=40)
     with pytest.raises(ValueError, match="all longer than seq_len=40"):
         list(view([raw_sample(k) for k in keys], train=True))
@@ -184,9 +161,8 @@ def test_a_stream_where_no_conversation_fits_is_a_configuration_error(tokenizer_
 def test_merged_turns_give_one_conversation_per_video_and_packing_does_not_leak(tokenizer_dir, tmp_path):
     keys = ["vid_a", "vid_b"]
     qa = qa_file(tmp_path / "qa.json", keys)
-    dump = all_dump(tmp_path / "dump", keys)
-    separate = dump_view(tokenizer_dir, dump, qa, seq_len=400, open_rows=2)
-    merged = dump_view(tokenizer_dir, dump, qa, seq_len=400, open_rows=2, turns="merged")
+    separate = token_view(tokenizer_dir, qa, seq_len=400, open_rows=2)
+    merged = token_view(tokenizer_dir, qa, seq_len=400, open_rows=2, turns="merged")
     samples = [raw_sample(k) for k in keys]
 
     rows = list(separate(samples, train=True, rng=random.Random(0)))
@@ -212,7 +188,7 @@ def test_merged_turns_give_one_conversation_per_video_and_packing_does_not_leak(
 
 def test_every_validation_question_travels_in_exactly_one_batch(tokenizer_dir, tmp_path):
     keys = [f"v{i:02d}" for i in range(7)]
-    view = dump_view(tokenizer_dir, all_dump(tmp_path / "dump", keys), qa_file(tmp_path / "qa.json", keys),
+    view = token_view(tokenizer_dir, qa_file(tmp_path / "qa.json", keys),
                      seq_len=200, open_rows=3)
     rows = list(view([raw_sample(k) for k in keys], train=False))
     batches = [view.collate(rows[i:i + 2]) for i in range(0, len(rows), 2)]
@@ -224,25 +200,17 @@ def test_every_validation_question_travels_in_exactly_one_batch(tokenizer_dir, t
 @pytest.fixture(scope="module")
 def tokenizer_exports(tmp_path_factory) -> Path:
     """Random tiny motion (32 codes) and keyframe (16 codes, 56 px) tokenizer exports for VOCAB."""
-    from videolavit.models.eva_vit import EvaViTConfig
-    from videolavit.models.export import save_export
-    from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
-    from videolavit.models.keyframe_tokenizer_export import init_backbone, save_keyframe_tokenizer
-    from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
+    return build_tokenizer_exports(tmp_path_factory.mktemp("exports"))
 
-    out = tmp_path_factory.mktemp("exports")
-    torch.manual_seed(0)
-    motion = MotionTokenizerConfig(num_frames=24, height=8, width=8, dim=32, num_heads=2, mlp_ratio=2.0,
-                                   blocks_per_stage=[1, 1, 1, 1], downsample="conv", num_codes=VOCAB.motion_codes,
-                                   code_dim=8, stage_factors=[[1, 2, 2], [2, 2, 2], [3, 1, 1], [1, 1, 1]])
-    save_export(MotionTokenizer(motion), out, "motion_tokenizer", motion)
-    keyframe = KeyframeTokenizerConfig(
-        vit=EvaViTConfig(image_size=56, patch_size=14, width=32, depth=1, num_heads=2, mlp_dim=64, embed_dim=32),
-        merger_depth=1, merger_heads=2, merger_mlp_dim=64, num_codes=VOCAB.visual_codes, code_dim=8, llm_dim=32)
-    model = KeyframeTokenizer(keyframe)
+
+@pytest.fixture(scope="module")
+def token_shards(prepared_shards, tokenizer_exports, tmp_path_factory) -> Path:
+    """The prepared corpus tokenised with ``tokenizer_exports`` (what the stage reads)."""
+    out = tmp_path_factory.mktemp("tokens")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        save_keyframe_tokenizer(model, out, init_backbone(model, None, 0))
+        run_tokenize(TokenizeConfig(shards=str(prepared_shards), exports=str(tokenizer_exports), out=str(out),
+                                    progress=False))
     return out
 
 
@@ -278,8 +246,7 @@ def test_image_conversations_are_tokenised_by_the_keyframe_tokenizer_and_mixed_i
         tokenizer_path=str(tokenizer_dir), vocabulary=VOCAB, seq_len=256,
         conversations=str(qa_file(tmp_path / "qa.json", ["x"])),
         val_image_conversations=str(tmp_path / "llava.json"), image_root=str(tmp_path / "images"),
-        weights={"video": 1.0, "image": 1.0}, motion_tokenizer_export=str(tokenizer_exports),
-        keyframe_tokenizer_export=str(tokenizer_exports))
+        weights={"video": 1.0, "image": 1.0}, tokenizer_exports=str(tokenizer_exports))
     SKIPS.start_stream()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -294,7 +261,7 @@ def test_image_conversations_are_tokenised_by_the_keyframe_tokenizer_and_mixed_i
 
     # with a deterministic patch selection, the image block is exactly the keyframe tokenizer's codes
     model.config.eval_selection = "threshold"
-    view._keyframe_tokenizer().config.eval_selection = "threshold"
+    view.image_coder.keyframe_tokenizer().config.eval_selection = "threshold"
     with torch.no_grad():
         ids, lengths = model.tokenize(load_image(tmp_path / "images" / "cat.png", 56)[None])
     again = next(d for d in view.documents([], train=False, rng=random.Random(0))
@@ -325,13 +292,11 @@ def pretrain_export(tokenizer_dir, tmp_path_factory) -> Path:
 
 
 def stage_batch(tokenizer_dir, tmp_path, vocab=VOCAB) -> dict:
-    codes = {(k, s): [1, 2] for k in ("vid_a", "vid_b") for s in (12, 36)}
-    write_dump(tmp_path / "dump", "keyframe", codes, vocab.visual_codes)
-    write_dump(tmp_path / "dump", "motion", codes, vocab.motion_codes)
     view = InstructionSequenceView(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, seq_len=256,
-                                   conversations=str(qa_file(tmp_path / "qa.json", ["vid_a", "vid_b"])),
-                                   motion_source="dump", keyframe_source="dump", token_dump=str(tmp_path / "dump"))
-    return view.collate(list(view([raw_sample("vid_a"), raw_sample("vid_b")], train=False)))
+                                   conversations=str(qa_file(tmp_path / "qa.json", ["vid_a", "vid_b"])))
+    samples = [raw_sample(k, vocab=vocab, keyframes=((1, 2), (1, 2)), motions=((1, 2), (1, 2)))
+               for k in ("vid_a", "vid_b")]
+    return view.collate(list(view(samples, train=False)))
 
 
 def test_init_from_a_stage2_export_takes_its_weights_tokenizer_and_vocabulary(pretrain_export):
@@ -440,9 +405,7 @@ def write_config(root: Path, shards: Path, corpus: Path, export: Path, exports: 
                                "view": {"class_path": "datamodules.instruct_views.InstructionSequenceView",
                                         "init_args": {"tokenizer_path": str(export), "vocabulary": vocabulary,
                                                       "seq_len": 256, "conversations": str(corpus / "qa.json"),
-                                                      "motion_tokenizer_export": str(exports),
-                                                      "keyframe_tokenizer_export": str(exports),
-                                                      "cache_videos": 16}},
+                                                      "tokenizer_exports": str(exports)}},
                                "batch_size": 4, "samples_per_epoch": 64, "shuffle_buffer": 8, "num_workers": 0}},
     }
     path = root / "config.yaml"
@@ -451,10 +414,10 @@ def write_config(root: Path, shards: Path, corpus: Path, export: Path, exports: 
     return path
 
 
-def test_tiny_fit_logs_qa_accuracy_exports_resumes_and_video_chat_answers(prepared_shards, synthetic_corpus,
+def test_tiny_fit_logs_qa_accuracy_exports_resumes_and_video_chat_answers(token_shards, synthetic_corpus,
                                                                           pretrain_export, tokenizer_exports,
                                                                           tmp_path):
-    config = write_config(tmp_path, prepared_shards, synthetic_corpus, pretrain_export, tokenizer_exports)
+    config = write_config(tmp_path, token_shards, synthetic_corpus, pretrain_export, tokenizer_exports)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["fit", "--config", str(config)]) == 0
@@ -486,7 +449,7 @@ def test_tiny_fit_logs_qa_accuracy_exports_resumes_and_video_chat_answers(prepar
 
 
 @pytest.mark.slow  # two spawned processes
-def test_model_parallel_fit_answers_the_same_questions_on_every_rank(prepared_shards, synthetic_corpus,
+def test_model_parallel_fit_answers_the_same_questions_on_every_rank(token_shards, synthetic_corpus,
                                                                     pretrain_export, tokenizer_exports, tmp_path):
     """FSDP2 (ModelParallelStrategy, gloo on CPU) with activation checkpointing: the QA evaluation gathers the
     questions of both ranks and decodes them in lockstep (a rank that stopped early would hang the other)."""
@@ -494,7 +457,7 @@ def test_model_parallel_fit_answers_the_same_questions_on_every_rank(prepared_sh
     import subprocess
     import sys
 
-    config = write_config(tmp_path, prepared_shards, synthetic_corpus, pretrain_export, tokenizer_exports, devices=2,
+    config = write_config(tmp_path, token_shards, synthetic_corpus, pretrain_export, tokenizer_exports, devices=2,
                           limit_val_batches=1,
                           strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                                     "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}})

@@ -1,6 +1,7 @@
-"""Stage-2 token view: golden id layout of video-text pairs (both orders, with and without keyframes),
-codes from frozen tokenizers equal the tokenizers' own output, token dumps, text-only mixing, packing,
-and a deterministic validation stream (whatever the number of workers)."""
+"""Stage-2 token view: golden id layout of video-text pairs (both orders, with and without keyframes), the ids the
+tokenize job wrote reach the rows, bad token samples are counted skips and other tokenizers' shards a named error,
+text-only and image-text mixing, packing, a deterministic validation stream (whatever the number of workers), and
+2 ranks x 2 workers reading disjoint shares."""
 
 from __future__ import annotations
 
@@ -13,21 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from callbacks.token_dump import FORMAT, FORMAT_VERSION
 from datamodules.llm_views import MISSING_TOKENS, PretrainSequenceView
-from datamodules.sample_format import decode_sample, encode_sample
+from datamodules.shard_list import resolve_shards
 from datamodules.skip_tracker import SKIPS
 from datamodules.tar_reader import iter_tar_samples
-from datamodules.shard_list import resolve_shards
+from datamodules.tokenize_shards import TokenizeConfig, run_tokenize
 from datamodules.video_datamodule import VideoDataModule
+from tests.tiny_tokenizers import build_tokenizer_exports
 from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
 from videolavit.llm.text_tokenizer import BOS_ID, EOS_ID, build_tiny_tokenizer
+from videolavit.llm.token_shards import TokenizerMismatchError, encode_token_sample
 from videolavit.llm.vocabulary import Vocabulary
-from videolavit.video.clips import clip_motion
-from videolavit.video.frames import decode_keyframes
-from videolavit.video.motion_grid import TOKENIZER_SCALE
 
 X = IGNORE_INDEX
 # [IMG]=300 [/IMG]=301 keyframe codes 302..306 [MOV]=307 [/MOV]=308 motion codes 309..312
@@ -47,34 +45,23 @@ def tokenizer_dir(tmp_path_factory, synthetic_corpus) -> Path:
     return out
 
 
-def write_dump(directory: Path, name: str, records: dict[tuple[str, int], list[int]], num_codes: int) -> Path:
-    """A finished dump in the ``callbacks.token_dump`` format (one rank file + manifest)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    file_name = f"{name}_tokens.rank00000.jsonl"
-    with open(directory / file_name, "w") as handle:
-        for (key, start), ids in records.items():
-            handle.write(json.dumps({"key": key, "clip_start": start, f"{name}_ids": ids}) + "\n")
-    (directory / f"{name}_tokens.json").write_text(json.dumps({
-        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "files": [file_name],
-        "clips": len(records), "num_tokens": None, "token_grid": None, "num_codes": num_codes}))
-    return directory
-
-
-def raw_sample(key: str, caption: str = CAPTION, num_frames: int = 60) -> dict:
-    """A shard sample without a real video (dump-based views never decode it): clips start at 12 and 36."""
+def token_raw(key: str, keyframes: dict[int, list[int]] | None, motions: dict[int, list[int]],
+              caption: str = CAPTION, num_frames: int = 60, vocab: Vocabulary = TINY, fingerprint: str = "f0") -> dict:
+    """A token sample as the tokenize job writes it (clips at 12 and 36 are what the views select)."""
     meta = {"source_id": key, "width": 96, "height": 96, "fps": 6, "num_frames": num_frames,
             "iframes": list(range(0, num_frames, 12))}
-    return encode_sample(key, caption, meta, b"", np.zeros((num_frames, 2, 6, 6), np.float16))
+    starts = sorted(motions)
+    return encode_token_sample(key, caption, meta, starts, np.array([motions[s] for s in starts]),
+                               [np.array(keyframes[s]) for s in starts] if keyframes is not None else None,
+                               fingerprint, vocab.motion_codes, vocab.visual_codes)
 
 
-def golden_dump(tmp_path: Path) -> Path:
-    write_dump(tmp_path, "keyframe", {("vid_a", 12): [4, 0, -1], ("vid_a", 36): [1, -1, -1]}, TINY.visual_codes)
-    return write_dump(tmp_path, "motion", {("vid_a", 12): [0, 3], ("vid_a", 36): [2, 2]}, TINY.motion_codes)
+def golden(key: str = "vid_a") -> dict:
+    return token_raw(key, {12: [4, 0], 36: [1]}, {12: [0, 3], 36: [2, 2]})
 
 
-def dump_view(tokenizer_dir, dump, **kwargs) -> PretrainSequenceView:
-    args = dict(tokenizer_path=str(tokenizer_dir), vocabulary=TINY, seq_len=L, motion_source="dump",
-                keyframe_source="dump", token_dump=str(dump), open_rows=1)
+def tokens_view(tokenizer_dir, **kwargs) -> PretrainSequenceView:
+    args = dict(tokenizer_path=str(tokenizer_dir), vocabulary=TINY, seq_len=L, open_rows=1)
     return PretrainSequenceView(**{**args, **kwargs})
 
 
@@ -86,16 +73,15 @@ T, K, M, S = 0, 1, 2, 3  # Modality values
 
 
 @pytest.mark.parametrize("visual_first", [True, False])
-@pytest.mark.parametrize("keyframes", ["dump", "none"])
+@pytest.mark.parametrize("keyframes", ["tokens", "none"])
 def test_a_video_text_pair_has_the_exact_id_layout(tokenizer_dir, tmp_path, visual_first, keyframes):
-    view = dump_view(tokenizer_dir, golden_dump(tmp_path), keyframe_source=keyframes,
-                     visual_first_prob=1.0 if visual_first else 0.0)
-    rows = list(view([raw_sample("vid_a")], train=False))
+    view = tokens_view(tokenizer_dir, keyframe_source=keyframes, visual_first_prob=1.0 if visual_first else 0.0)
+    rows = list(view([golden()], train=False))
     assert len(rows) == 1
     row = rows[0]
     text = view.tokenizer(CAPTION, add_special_tokens=False)["input_ids"]
     assert text and max(text) < TINY.text_size
-    video = VIDEO if keyframes == "dump" else VIDEO_MOTION_ONLY
+    video = VIDEO if keyframes == "tokens" else VIDEO_MOTION_ONLY
     ids = [BOS_ID, *video, *text, EOS_ID] if visual_first else [BOS_ID, *text, *video, EOS_ID]
     n = len(ids)
     assert row.input_ids[:n].tolist() == ids
@@ -106,7 +92,7 @@ def test_a_video_text_pair_has_the_exact_id_layout(tokenizer_dir, tmp_path, visu
     assert row.document_ids.tolist() == [0] * n + [PAD_DOCUMENT_ID] * (L - n)
 
     batch = view.collate(rows)
-    video_modality = ([S, K, K, S, S, M, M, S, S, K, S, S, M, M, S] if keyframes == "dump"
+    video_modality = ([S, K, K, S, S, M, M, S, S, K, S, S, M, M, S] if keyframes == "tokens"
                       else [S, M, M, S, S, M, M, S])
     text_modality = [T] * len(text)
     expected = [T, *video_modality, *text_modality, T] if visual_first else [T, *text_modality, *video_modality, T]
@@ -117,60 +103,79 @@ def test_a_video_text_pair_has_the_exact_id_layout(tokenizer_dir, tmp_path, visu
 
 
 def test_target_only_supervision_leaves_the_first_segment_unlabelled(tokenizer_dir, tmp_path):
-    view = dump_view(tokenizer_dir, golden_dump(tmp_path), visual_first_prob=1.0, supervise="target")
-    row = next(iter(view([raw_sample("vid_a")])))
+    view = tokens_view(tokenizer_dir, visual_first_prob=1.0, supervise="target")
+    row = next(iter(view([golden()])))
     text = view.tokenizer(CAPTION, add_special_tokens=False)["input_ids"]
     n = 1 + len(VIDEO) + len(text) + 1
     assert row.labels[:n].tolist() == [X] * (1 + len(VIDEO)) + text + [EOS_ID]
 
 
-# ------------------------------------------------------------------------------------------- dumps, skips
-def test_a_clip_missing_from_the_dump_skips_its_video_only(tokenizer_dir, tmp_path):
-    write_dump(tmp_path, "motion", {("vid_a", 12): [0, 1], ("vid_a", 36): [1, 1], ("vid_b", 12): [2, 2]},
-               TINY.motion_codes)  # vid_b's clip at 36 is missing
-    view = dump_view(tokenizer_dir, tmp_path, keyframe_source="none", visual_first_prob=1.0)
+# ------------------------------------------------------------------------------------------- bad token samples
+def test_a_clip_missing_from_the_token_sample_skips_its_video_only(tokenizer_dir):
+    view = tokens_view(tokenizer_dir, keyframe_source="none", visual_first_prob=1.0)
     SKIPS.start_stream()
-    rows = list(view([raw_sample("vid_b"), raw_sample("vid_a")]))
+    rows = list(view([token_raw("vid_b", None, {12: [2, 2]}), token_raw("vid_a", None, {12: [0, 1], 36: [1, 1]})]))
     assert SKIPS.counts == Counter({MISSING_TOKENS: 1})
     assert sum(r.num_documents for r in rows) == 1
     assert rows[0].input_ids[1:5].tolist() == [307, 309, 310, 308]  # vid_a's first clip
 
 
-def test_a_dump_with_another_codebook_size_is_refused(tokenizer_dir, tmp_path):
-    write_dump(tmp_path, "motion", {("vid_a", 12): [0], ("vid_a", 36): [1]}, num_codes=1024)
-    view = dump_view(tokenizer_dir, tmp_path, keyframe_source="none")
-    with pytest.raises(ValueError, match="1024 codes"):
-        list(view([raw_sample("vid_a")]))
+def test_bad_token_samples_are_counted_skips_and_the_good_ones_all_arrive(tokenizer_dir):
+    corrupt = golden("corrupt")
+    corrupt["ids.npy"] = corrupt["ids.npy"][:20]  # a cut member
+    high = token_raw("high", {12: [4, 0], 36: [1]}, {12: [0, 4], 36: [2, 2]})  # motion code 4 of 4 codes
+    no_motion = golden("no_motion")
+    del no_motion["ids.npy"]
+    empty_clip = golden("empty_clip")  # the writer refuses clips without motion ids: a hand-made record
+    record = json.loads(empty_clip["json"])
+    empty_clip["json"] = json.dumps({**record, "motion_tokens": 0}).encode()
+    no_keyframes = token_raw("no_keyframe", {12: [4, 0, 1], 36: []}, {12: [0, 3], 36: [2, 2]})
+    bad_json = {**golden("bad_json"), "json": b"{"}
+    view = tokens_view(tokenizer_dir, visual_first_prob=1.0, seq_len=256)
+    SKIPS.start_stream()
+    docs = list(view.documents([corrupt, golden("a"), high, no_motion, empty_clip, no_keyframes, bad_json,
+                                golden("b")], train=False, rng=random.Random(0)))
+    assert SKIPS.counts == Counter({"corrupt_sample": 2, "ids_out_of_range": 1, "missing_motion_ids": 2,
+                                    "missing_keyframe_ids": 1})
+    assert len(docs) == 2 and all(d.input_ids[1:1 + len(VIDEO)] == VIDEO for d in docs)
+
+
+def test_token_shards_of_other_tokenizers_are_a_named_error(tokenizer_dir, tmp_path):
+    other = token_raw("vid_a", None, {12: [0], 36: [1]}, vocab=Vocabulary(text_size=300, visual_codes=5,
+                                                                      motion_codes=1024))
+    with pytest.raises(TokenizerMismatchError, match="1024 motion"):
+        list(tokens_view(tokenizer_dir, keyframe_source="none")([other]))
+    exports = build_tokenizer_exports(tmp_path / "exports")
+    vocab = Vocabulary(text_size=TINY.text_size, visual_codes=16, motion_codes=32)
+    stranger = token_raw("vid_a", {12: [1], 36: [2]}, {12: [0], 36: [1]}, vocab=vocab, fingerprint="elsewhere")
+    view = tokens_view(tokenizer_dir, vocabulary=vocab, tokenizer_exports=str(exports))
+    with pytest.raises(TokenizerMismatchError, match="tokenizer_exports"):
+        list(view([stranger]))
+    motion_only = token_raw("vid_a", None, {12: [0], 36: [1]}, vocab=vocab)
+    with pytest.raises(TokenizerMismatchError, match="keyframe_source: none"):
+        list(tokens_view(tokenizer_dir, vocabulary=vocab)([motion_only]))
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(motion_source="tokenizer"), "needs motion_tokenizer_export"),
-    (dict(keyframe_source="tokenizer"), "keyframe_source='none'"),
-    (dict(motion_source="dump", token_dump=None), "token_dump, which is not set"),
-    (dict(keyframe_source="none", motion_source="tokenizer", motion_tokenizer_export="x"),
-     "neither motion_source nor keyframe_source is 'dump'"),
-    (dict(keyframe_source="none", motion_tokenizer_export="x"), "motion_source='dump' ignores it"),
-    (dict(keyframe_source="random"), "keyframe_source must be"),
+    (dict(keyframe_source="tokenizer"), "keyframe_source must be"),
     (dict(weights={"video": 1.0}), "weights name the sources"),
     (dict(visual_first_prob=1.5), "visual_first_prob"),
+    (dict(image_text="pairs.jsonl", weights={"image_text": 1.0}), "image_tokenizer_export"),
 ])
-def test_ambiguous_or_incomplete_sources_are_refused(tokenizer_dir, tmp_path, kwargs, message):
+def test_bad_settings_are_refused(tokenizer_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        dump_view(tokenizer_dir, tmp_path, **kwargs)
+        tokens_view(tokenizer_dir, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- orders, mixing
-def many_samples(n: int) -> tuple[list[dict], dict]:
-    """``n`` samples and their motion ids (2 clips each)."""
-    keys = [f"v{i:03d}" for i in range(n)]
-    motion = {(k, s): [i % 4, (i + 1) % 4] for i, k in enumerate(keys) for s in (12, 36)}
-    return [raw_sample(k) for k in keys], motion
+def many_samples(n: int) -> list[dict]:
+    """``n`` motion-only token samples (2 clips each)."""
+    return [token_raw(f"v{i:03d}", None, {s: [i % 4, (i + 1) % 4] for s in (12, 36)}) for i in range(n)]
 
 
 def test_pair_order_follows_the_probability_and_validation_order_follows_the_key(tokenizer_dir, tmp_path):
-    samples, motion = many_samples(200)
-    write_dump(tmp_path, "motion", motion, TINY.motion_codes)
-    view = dump_view(tokenizer_dir, tmp_path, keyframe_source="none", visual_first_prob=0.3)
+    samples = many_samples(200)
+    view = tokens_view(tokenizer_dir, keyframe_source="none", visual_first_prob=0.3)
     docs = list(view.documents(samples, train=True, rng=random.Random(5)))
     first = [doc.input_ids[1] == TINY.motion_start_id for doc in docs]
     assert len(docs) == 200 and 0.2 < sum(first) / 200 < 0.4
@@ -184,13 +189,12 @@ def test_pair_order_follows_the_probability_and_validation_order_follows_the_key
 
 
 def test_text_documents_are_mixed_in_by_weight_and_read_once_for_validation(tokenizer_dir, tmp_path):
-    samples, motion = many_samples(100)
-    write_dump(tmp_path, "motion", motion, TINY.motion_codes)
+    samples = many_samples(100)
     lines = [f"the {c} square moves {d}" for c in ("red", "blue", "green", "grey") for d in ("up", "down", "left")]
     corpus = tmp_path / "text.txt"
     corpus.write_text("\n".join(lines[:6]) + "\n\n" + "\n".join(lines[6:]) + "\n")  # blank lines are skipped
-    view = dump_view(tokenizer_dir, tmp_path, keyframe_source="none", text_corpus=str(corpus),
-                     val_text_corpus=str(corpus), weights={"video_text": 1.0, "text": 1.0}, text_shuffle_buffer=4)
+    view = tokens_view(tokenizer_dir, keyframe_source="none", text_corpus=str(corpus), val_text_corpus=str(corpus),
+                       weights={"video_text": 1.0, "text": 1.0}, text_shuffle_buffer=4)
 
     def is_text(doc):
         return all(i < TINY.text_size for i in doc.input_ids)
@@ -208,68 +212,45 @@ def test_text_documents_are_mixed_in_by_weight_and_read_once_for_validation(toke
     assert val_texts == sorted(lines) and len(val) == 100 + len(lines)  # everything exactly once
 
 
-# ------------------------------------------------------------------------------------------- frozen tokenizers
+# ------------------------------------------------------------------------------------------- token shards
+VOCAB = Vocabulary(text_size=TINY.text_size, visual_codes=16, motion_codes=32)
+
+
 @pytest.fixture(scope="module")
 def tokenizer_exports(tmp_path_factory) -> tuple[Path, Vocabulary]:
-    from videolavit.models.eva_vit import EvaViTConfig
-    from videolavit.models.export import save_export
-    from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
-    from videolavit.models.keyframe_tokenizer_export import init_backbone, save_keyframe_tokenizer
-    from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
+    return build_tokenizer_exports(tmp_path_factory.mktemp("exports")), VOCAB
 
-    out = tmp_path_factory.mktemp("exports")
-    torch.manual_seed(0)
-    motion = MotionTokenizerConfig(num_frames=24, height=8, width=8, dim=32, num_heads=2, mlp_ratio=2.0,
-                                   blocks_per_stage=[1, 1, 1, 1], downsample="conv", num_codes=32, code_dim=8,
-                                   stage_factors=[[1, 2, 2], [2, 2, 2], [3, 1, 1], [1, 1, 1]])
-    save_export(MotionTokenizer(motion), out, "motion_tokenizer", motion)
-    keyframe = KeyframeTokenizerConfig(
-        vit=EvaViTConfig(image_size=56, patch_size=14, width=32, depth=1, num_heads=2, mlp_dim=64, embed_dim=32),
-        merger_depth=1, merger_heads=2, merger_mlp_dim=64, num_codes=16, code_dim=8, llm_dim=32)
-    model = KeyframeTokenizer(keyframe)
+
+@pytest.fixture(scope="module")
+def token_shards(tokenizer_exports, prepared_shards, tmp_path_factory) -> Path:
+    """The prepared corpus tokenised by the tokenize job (4 token shards of 2 videos)."""
+    out = tmp_path_factory.mktemp("tokens")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        save_keyframe_tokenizer(model, out, init_backbone(model, None, 0))
-    return out, Vocabulary(text_size=TINY.text_size, visual_codes=16, motion_codes=32)
+        run_tokenize(TokenizeConfig(shards=str(prepared_shards), exports=str(tokenizer_exports[0]), out=str(out),
+                                    progress=False))
+    return out
 
 
 def tokenizer_view(tokenizer_dir, exports, vocab, **kwargs) -> PretrainSequenceView:
     return PretrainSequenceView(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, seq_len=128,
-                                motion_tokenizer_export=str(exports), keyframe_tokenizer_export=str(exports),
-                                visual_first_prob=1.0, **kwargs)
+                                tokenizer_exports=str(exports), visual_first_prob=1.0, **kwargs)
 
 
-def test_codes_from_the_frozen_tokenizers_are_theirs(tokenizer_dir, tokenizer_exports, prepared_shards):
-    from videolavit.models.export import load_export
-    from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
+def test_the_view_reads_the_ids_the_tokenize_job_wrote(tokenizer_dir, tokenizer_exports, token_shards):
+    from videolavit.llm.token_shards import decode_token_sample
 
     exports, vocab = tokenizer_exports
-    view = tokenizer_view(tokenizer_dir, exports, vocab, cache_videos=4)
-    motion_model = load_export(exports, "motion_tokenizer").eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        keyframe_model = load_keyframe_tokenizer(exports)
-    raw = next(iter_tar_samples(resolve_shards(str(prepared_shards))[0]))
-    sample = decode_sample(raw)
-    starts = view.clip_starts(sample, False, random.Random(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        keyframes, motions = view.video_codes(sample, starts)
-        assert view.video_codes(sample, starts) == (keyframes, motions)  # cached
-
-    with torch.inference_mode():
-        fields = torch.stack([clip_motion(sample["motion"], s, (8, 8), 24, TOKENIZER_SCALE) for s in starts])
-        assert motions == motion_model.encode(fields).tolist()
-        # the synthetic videos are square, so the centre crop is the whole frame
-        frames = decode_keyframes(sample["mp4"], starts, sample["meta"]["fps"], size=(56, 56))
-        images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-        ids, lengths = keyframe_model.tokenize(images)
-    assert keyframes == [row[:n].tolist() for row, n in zip(ids, lengths.tolist())]
-    assert all(len(m) == 16 for m in motions)  # 24x8x8 -> 4x2x2 tokens
-
-    doc = view.pair_document(view.video_ids(keyframes, motions), sample["caption"], visual_first=True)
-    assert doc.input_ids[1] == vocab.image_start_id
-    assert doc.input_ids[2:2 + len(keyframes[0])] == [vocab.visual_offset + c for c in keyframes[0]]
+    view = tokenizer_view(tokenizer_dir, exports, vocab)
+    raw = next(iter_tar_samples(resolve_shards(str(token_shards))[0], required=()))
+    sample = decode_token_sample(raw, vocab)
+    doc = next(view.video_documents([raw], train=False, rng=random.Random(0)))
+    expected = []
+    for keyframe, motion in zip(sample.keyframes, sample.motions):
+        expected += [vocab.image_start_id, *(vocab.visual_offset + int(c) for c in keyframe), vocab.image_end_id,
+                     vocab.motion_start_id, *(vocab.motion_offset + int(c) for c in motion), vocab.motion_end_id]
+    assert doc.input_ids[1:1 + len(expected)] == expected and len(sample.motions) == 2
+    assert view.tokenizer.decode(doc.input_ids[1 + len(expected):-1]) == sample.caption
 
 
 def rows_documents(batches: list[dict]) -> list[tuple[int, ...]]:
@@ -283,7 +264,7 @@ def rows_documents(batches: list[dict]) -> list[tuple[int, ...]]:
     return sorted(docs)
 
 
-def test_validation_reads_every_video_once_whatever_the_workers(tokenizer_dir, tokenizer_exports, prepared_shards,
+def test_validation_reads_every_video_once_whatever_the_workers(tokenizer_dir, tokenizer_exports, token_shards,
                                                                tmp_path):
     exports, vocab = tokenizer_exports
     corpus = tmp_path / "val.txt"
@@ -292,7 +273,7 @@ def test_validation_reads_every_video_once_whatever_the_workers(tokenizer_dir, t
     for workers in (0, 2):
         view = tokenizer_view(tokenizer_dir, exports, vocab, val_text_corpus=str(corpus),
                               weights={"video_text": 1.0, "text": 0.5})
-        dm = VideoDataModule(val_shards=str(prepared_shards), view=view, batch_size=3, num_workers=workers)
+        dm = VideoDataModule(val_shards=str(token_shards), view=view, batch_size=3, num_workers=workers)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             batches = list(dm.val_dataloader())
@@ -306,13 +287,12 @@ def test_validation_reads_every_video_once_whatever_the_workers(tokenizer_dir, t
 
 def test_a_reader_whose_share_of_the_text_corpus_is_empty_draws_from_the_whole_file(tokenizer_dir, tmp_path,
                                                                                    monkeypatch):
-    samples, motion = many_samples(20)
-    write_dump(tmp_path, "motion", motion, TINY.motion_codes)
+    samples = many_samples(20)
     corpus = tmp_path / "one_line.txt"
     corpus.write_text("the only line\n")
     monkeypatch.setenv("RANK", "1")  # rank 1 of 2: line 0 belongs to rank 0
     monkeypatch.setenv("WORLD_SIZE", "2")
-    view = dump_view(tokenizer_dir, tmp_path, keyframe_source="none", text_corpus=str(corpus), text_shuffle_buffer=1)
+    view = tokens_view(tokenizer_dir, keyframe_source="none", text_corpus=str(corpus), text_shuffle_buffer=1)
     docs = list(view.documents(samples, train=True, rng=random.Random(0)))
     texts = {view.tokenizer.decode(d.input_ids[1:-1]) for d in docs if all(i < TINY.text_size for i in d.input_ids)}
     assert texts == {"the only line"} and len(docs) > 20
@@ -346,5 +326,51 @@ def test_image_text_pairs_become_one_keyframe_documents_and_bad_images_are_count
         assert vocab.motion_start_id not in ids
         assert ids[end + 1:-1] == tok(caption, add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="image_text"):
-        PretrainSequenceView(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, motion_tokenizer_export=str(exports),
-                             keyframe_source="none", image_text=str(pairs), weights={"image_text": 1.0})
+        PretrainSequenceView(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, keyframe_source="none",
+                             image_text=str(pairs), weights={"image_text": 1.0})
+
+
+# ------------------------------------------------------------------------------------------- ranks x workers
+def numbered_token_shards(root: Path, shards: int = 8, per_shard: int = 3) -> Path:
+    """Motion-only token shards whose video n has motion codes [n, n] in both clips (n < 32)."""
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with wds.TarWriter(str(root / f"tok-{s:03d}.tar")) as sink:
+            for j in range(per_shard):
+                n = s * per_shard + j
+                sink.write(token_raw(f"v{n:03d}", None, {12: [n, n], 36: [n, n]}, caption=f"video {n}", vocab=VOCAB))
+    return root
+
+
+def videos_in(batches: list[dict]) -> list[int]:
+    """The number n of every video document in packed batches (its first motion code)."""
+    found = []
+    for batch in batches:
+        for ids, documents in zip(batch["input_ids"], batch["document_ids"]):
+            for d in documents.unique().tolist():
+                doc = ids[documents == d].tolist()
+                if d != PAD_DOCUMENT_ID and VOCAB.motion_start_id in doc:
+                    found.append(doc[doc.index(VOCAB.motion_start_id) + 1] - VOCAB.motion_offset)
+    return found
+
+
+def test_two_ranks_of_two_workers_read_disjoint_shares_and_validation_sees_each_video_once(tokenizer_dir, tmp_path):
+    shards = numbered_token_shards(tmp_path / "tokens")
+    view = tokens_view(tokenizer_dir, vocabulary=VOCAB, keyframe_source="none", seq_len=64)
+    seen = {}
+    for rank in (0, 1):
+        dm = VideoDataModule(val_shards=str(shards), view=view, batch_size=4, num_workers=2)
+        dm.rank, dm.world_size = rank, 2
+        seen[rank] = videos_in(list(dm.val_dataloader()))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(24))  # every video once, over both ranks and their workers
+
+    streams = {}
+    for rank in (0, 1):
+        dm = VideoDataModule(train_shards=str(shards), view=view, batch_size=8, num_workers=2, samples_per_epoch=32,
+                             shuffle_buffer=4)
+        dm.rank, dm.world_size = rank, 2
+        streams[rank] = videos_in(list(dm.train_dataloader()))
+    assert streams[0] != streams[1] and all(set(s) <= set(range(24)) for s in streams.values())

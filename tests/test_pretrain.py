@@ -17,9 +17,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from datamodules.sample_format import decode_sample
-from datamodules.shard_list import resolve_shards
-from datamodules.tar_reader import iter_tar_samples
+from datamodules.tokenize_shards import TokenizeConfig, run_tokenize
 from stages.base import OptimizerConfig
 from stages.pretrain import NEW_ROW_PARAMETERS, VOCABULARY_FILE, PretrainStage, TokenizerBuild, default_optimizer
 from videolavit.__main__ import main
@@ -27,8 +25,8 @@ from videolavit.llm.sequences import IGNORE_INDEX, collate_packed_rows, multimod
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer
 from videolavit.llm.vocabulary import Vocabulary
 from videolavit.synth.moving_shapes import plan_corpus
-from videolavit.video.clips import select_clip_starts
 from tests.tensorboard_scalars import scalars
+from tests.tiny_tokenizers import build_tokenizer_exports
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = Vocabulary(text_size=300, visual_codes=16, motion_codes=32)  # 352 ids
@@ -217,32 +215,15 @@ def test_a_missing_tiny_tokenizer_is_built_from_the_shards_captions(prepared_sha
 # ------------------------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def cli_inputs(prepared_shards, tmp_path_factory) -> dict:
-    """A frozen (random) motion tokenizer export, a keyframe token dump of every clip and a text corpus."""
-    from callbacks.token_dump import FORMAT, FORMAT_VERSION
-    from videolavit.models.export import save_export
-    from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
-
+    """Frozen (random) tiny stage-1 exports, the prepared corpus tokenised with them, and a text corpus."""
     root = tmp_path_factory.mktemp("pretrain_inputs")
-    torch.manual_seed(0)
-    config = MotionTokenizerConfig(num_frames=24, height=8, width=8, dim=32, num_heads=2, mlp_ratio=2.0,
-                                   blocks_per_stage=[1, 1, 1, 1], downsample="conv", num_codes=VOCAB.motion_codes,
-                                   code_dim=8, stage_factors=[[1, 2, 2], [2, 2, 2], [3, 1, 1], [1, 1, 1]])
-    save_export(MotionTokenizer(config), root / "exports", "motion_tokenizer", config)
-    rng = random.Random(0)
-    lines = []  # what TokenDumpWriter writes for KeyframeTokenizerStage.predict_step: ids padded with -1
-    for url in resolve_shards(str(prepared_shards)):
-        for raw in iter_tar_samples(url):
-            meta = decode_sample(raw, need_video=False)["meta"]
-            for start in select_clip_starts(meta["iframes"], meta["num_frames"]):
-                ids = [rng.randrange(VOCAB.visual_codes) for _ in range(rng.randint(1, 4))] + [-1]
-                lines.append(json.dumps({"key": raw["__key__"], "clip_start": start, "keyframe_ids": ids}) + "\n")
-    (root / "dump").mkdir()
-    (root / "dump" / "keyframe_tokens.rank00000.jsonl").write_text("".join(lines))
-    (root / "dump" / "keyframe_tokens.json").write_text(json.dumps({
-        "format": FORMAT, "format_version": FORMAT_VERSION, "name": "keyframe", "clips": len(lines),
-        "files": ["keyframe_tokens.rank00000.jsonl"], "num_codes": VOCAB.visual_codes}))
+    exports = build_tokenizer_exports(root / "exports")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_tokenize(TokenizeConfig(shards=str(prepared_shards), exports=str(exports), out=str(root / "tokens"),
+                                    progress=False))
     (root / "text.txt").write_text("".join(f"{caption}.\n" for caption in TRAIN_CAPTIONS[:20]))
-    return {"exports": root / "exports", "dump": root / "dump", "text": root / "text.txt"}
+    return {"exports": exports, "tokens": root / "tokens", "text": root / "text.txt"}
 
 
 def write_config(root: Path, shards: Path, inputs: dict, **trainer) -> Path:
@@ -276,11 +257,9 @@ def write_config(root: Path, shards: Path, inputs: dict, **trainer) -> Path:
                 "train_shards": str(shards), "val_shards": str(shards),
                 "view": {"class_path": "datamodules.llm_views.PretrainSequenceView",
                          "init_args": {"tokenizer_path": str(root / "text_tokenizer"), "vocabulary": vocabulary,
-                                       "seq_len": 128, "motion_source": "tokenizer",
-                                       "motion_tokenizer_export": str(inputs["exports"]),
-                                       "keyframe_source": "dump", "token_dump": str(inputs["dump"]),
+                                       "seq_len": 128, "tokenizer_exports": str(inputs["exports"]),
                                        "text_corpus": str(inputs["text"]), "val_text_corpus": str(inputs["text"]),
-                                       "weights": {"video_text": 1.0, "text": 0.5}, "cache_videos": 64}},
+                                       "weights": {"video_text": 1.0, "text": 0.5}}},
                 "batch_size": 4, "samples_per_epoch": 64, "shuffle_buffer": 8, "num_workers": 0},
         },
     }
@@ -290,9 +269,8 @@ def write_config(root: Path, shards: Path, inputs: dict, **trainer) -> Path:
     return path
 
 
-def test_tiny_fit_through_the_cli_logs_per_modality_losses_exports_and_resumes(prepared_shards, cli_inputs,
-                                                                              tmp_path):
-    config = str(write_config(tmp_path, prepared_shards, cli_inputs))
+def test_tiny_fit_through_the_cli_logs_per_modality_losses_exports_and_resumes(cli_inputs, tmp_path):
+    config = str(write_config(tmp_path, cli_inputs["tokens"], cli_inputs))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["fit", "--config", config]) == 0
@@ -399,9 +377,9 @@ def test_fsdp2_on_two_processes_matches_one_process(tokenizer_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_model_parallel_strategy_fit_on_two_cpu_processes(prepared_shards, cli_inputs, tmp_path):
+def test_model_parallel_strategy_fit_on_two_cpu_processes(cli_inputs, tmp_path):
     """Lightning's ModelParallelStrategy (FSDP2 + activation checkpointing) through the CLI, gloo on CPU."""
-    config = write_config(tmp_path, prepared_shards, cli_inputs, devices=2, limit_val_batches=1,
+    config = write_config(tmp_path, cli_inputs["tokens"], cli_inputs, devices=2, limit_val_batches=1,
                           strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                                     "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),

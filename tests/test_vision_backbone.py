@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import datamodules.instruct_views as instruct_views
+import datamodules.image_files as image_files
 from datamodules.image_text_views import ImageTextView
 from datamodules.skip_tracker import SKIPS
 from videolavit.models.caption_word_pretraining import (
@@ -109,8 +109,8 @@ def test_the_view_yields_every_readable_pair_once_in_validation_and_counts_the_r
 def test_training_cycles_shifts_and_decodes_each_cached_file_once(tmp_path, monkeypatch):
     path = _stills(tmp_path)
     decoded = []
-    real = instruct_views.load_image
-    monkeypatch.setattr(instruct_views, "load_image", lambda p, s: decoded.append(p) or real(p, s))
+    real = image_files.load_image
+    monkeypatch.setattr(image_files, "load_image", lambda p, s: decoded.append(p) or real(p, s))
     reference = {e["caption"]: e["image"] for e in ImageTextView(val_image_text=str(path), image_size=16)([])}
     decoded.clear()
     view = ImageTextView(image_text=str(path), image_size=16, shift_px=3, cache_images=True)

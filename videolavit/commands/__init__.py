@@ -11,4 +11,5 @@ COMMANDS: dict[str, str] = {
     "generate": "videolavit.commands.generate",
     "prepare": "videolavit.commands.prepare",
     "synth": "videolavit.commands.synth",
+    "tokenize": "videolavit.commands.tokenize",
 }

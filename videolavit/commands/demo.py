@@ -5,7 +5,9 @@
 2. run every stage's tiny config through ``python -m videolavit fit --config experiments/tiny/...`` (the path
    users run), each stage reading the exports of the ones it needs from ``runs/tiny/exports``: motion
    tokenizer, keyframe tokenizer, keyframe detokenizer, video detokenizer, pre-training (validated once before
-   training too: the caption-loss baseline), instruction tuning;
+   training too: the caption-loss baseline), instruction tuning. Between the tokenizers and the LLM stages,
+   ``python -m videolavit tokenize`` runs the frozen tokenizers once over both splits; pre-training and
+   instruction tuning read its token shards (``runs/tiny/data/tokens_{train,val}``);
 3. answer the held-out questions with ``chat --qa-file`` and generate one video per held-out caption with
    ``generate --prompts-file``, measuring the direction of motion in each generated mp4 with our own
    decomposition;
@@ -45,6 +47,7 @@ HELP = ("run the whole chain on the synthetic corpus (CPU, ~12 min on 2 idle cor
 REPO = Path(__file__).resolve().parents[2]
 TINY = Path("runs/tiny")  # relative to the work directory, as in the tiny configs
 EXPORTS = TINY / "exports"
+TOKENS = {split: TINY / "data" / f"tokens_{split}" for split in ("train", "val")}  # the tiny LLM configs' shards
 CHANCE = {"shape": 1 / 4, "color": 1 / 5, "direction": 1 / 4}
 # Held-out captions generated (all 16: at 8, two runs gave 0.625 and 0.125) and sampling steps of both U-Nets
 # (release: 25).
@@ -112,9 +115,11 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "keyframe_tokenizer": ("vision_backbone",),  # backbone_weights: the vision backbone export
     "keyframe_detokenizer": ("keyframe_tokenizer",),  # init_from: the keyframe tokenizer + feature decoder
     "video_detokenizer": ("motion_tokenizer",),  # init_from: the motion tokenizer (motion_source: tokenizer)
-    # The view tokenises clips with both frozen tokenizers; the text tokenizer is built from shards_train by
-    # the job itself (its validate-before-training run), so nothing else writes it.
-    "pretrain": ("motion_tokenizer", "keyframe_tokenizer"),
+    # Both frozen tokenizers over both splits, once: the LLM stages read these token shards.
+    "tokenize": ("motion_tokenizer", "keyframe_tokenizer"),
+    # The text tokenizer is built from shards_train by the job itself (its validate-before-training run), so
+    # nothing else writes it.
+    "pretrain": ("tokenize",),
     "instruct": ("pretrain",),  # init_from / tokenizer: the pretrain export (+ the tokenizers, via pretrain)
     "question_answering": ("instruct",),  # chat: instruct + both tokenizers
     "text_to_video": ("pretrain", "keyframe_detokenizer", "video_detokenizer"),  # generate: the pre-trained LLM
@@ -194,14 +199,34 @@ def _prepare_data(run: Runner, args: argparse.Namespace) -> dict:
         timings[f"synth_{split}"] = run(f"synth_{split}", "synth", "--out", str(corpus), "--num-videos", str(count),
                                         "--seed", str(seed), "--workers", str(args.workers), "--overwrite",
                                         "--stills-per-video", str(stills))
-        if (run.workdir / shards).exists():
-            import shutil
+        import shutil
 
-            shutil.rmtree(run.workdir / shards)
+        for stale in (shards, TOKENS[split]):  # new videos: their token shards must be made again too
+            if (run.workdir / stale).exists():
+                shutil.rmtree(run.workdir / stale)
         timings[f"prepare_{split}"] = run(f"prepare_{split}", "prepare", "--videos", str(corpus / "videos"),
                                           "--captions", str(corpus / "captions.csv"), "--out", str(shards),
                                           "--workers", str(args.workers), "--videos-per-unit", "8", "--no-progress")
     return {k: round(v, 1) for k, v in timings.items()}
+
+
+def _tokenize(run: Runner) -> dict:
+    """Token shards of both splits from the frozen tokenizers (made again from scratch: the exports are new)."""
+    import shutil
+
+    result = {"minutes": 0.0}
+    for split, out in TOKENS.items():
+        if (run.workdir / out).exists():
+            shutil.rmtree(run.workdir / out)
+        seconds = run(f"tokenize_{split}", "tokenize", "--shards", str(TINY / "data" / f"shards_{split}"),
+                      "--exports", str(EXPORTS), "--out", str(out), "--no-progress",
+                      "--devices", "cuda" if run.device == "cuda" else "cpu")
+        manifest = json.loads((run.workdir / out / "manifest.json").read_text())
+        if not manifest.get("complete") or not manifest["written"]:
+            raise DemoError(f"tokenize wrote no complete token shards in {out}: {manifest}")
+        result[split] = {"videos": manifest["written"], "clips": manifest["clips"], "skipped": manifest["skipped"]}
+        result["minutes"] = round(result["minutes"] + seconds / 60, 2)
+    return result
 
 
 def last_scalars(log_dir: Path) -> dict[str, float]:
@@ -357,6 +382,9 @@ def _select(jobs: list[Job], from_stage: str | None, workdir: Path) -> set[str]:
     selected = downstream(jobs, EVALUATION if from_stage == "evaluation" else [from_stage]) | {"data"}
     reused = [s for s in STAGES if s.name in upstream(jobs, selected) - selected]
     missing = [str(EXPORTS / s.export) for s in reused if not (workdir / EXPORTS / s.export).exists()]
+    if "tokenize" in upstream(jobs, selected) - selected:
+        missing += [str(out / "manifest.json") for out in TOKENS.values()
+                    if not (workdir / out / "manifest.json").is_file()]
     if missing:
         raise SystemExit(f"demo: --from-stage {from_stage} reuses exports that do not exist: {missing}; "
                          "start from an earlier stage")
@@ -368,6 +396,9 @@ def _summary(name: str, result) -> str:
     if name == "question_answering":
         accuracy = ", ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items())
         return f"; accuracy {accuracy} (goal >= 0.8 each: {_verdict(result['passed'])})"
+    if name == "tokenize":
+        return "; " + ", ".join(f"{split}: {result[split]['clips']} clips of {result[split]['videos']} videos"
+                                for split in TOKENS)
     if name == "text_to_video":
         return f"; direction agreement {result['direction_agreement']:.3f} (goal > 0.5: {_verdict(result['passed'])})"
     check = result.get("check") if isinstance(result, dict) else None
@@ -400,6 +431,7 @@ def run(args: argparse.Namespace) -> int:
     # faster with two stages side by side on 2 cores (the same work, just in fewer processes).
     actions = {"data": partial(_prepare_data, runner, args),
                **{s.name: partial(_run_stage, runner, s, args.smoke) for s in STAGES},
+               "tokenize": partial(_tokenize, runner),
                "question_answering": partial(_question_answering, runner, args.smoke),
                "text_to_video": partial(_text_to_video, runner, args.smoke)}
     graph = [Job(name, actions[name], needs) for name, needs in NEEDS.items()]
@@ -434,6 +466,8 @@ def run(args: argparse.Namespace) -> int:
               "skipped": skipped,
               "stages": {s.name: results[s.name] for s in STAGES if s.name in results},
               "data_seconds": results["data"]}
+    if "tokenize" in results:
+        report["tokenize"] = results["tokenize"]
     for name in EVALUATION:
         if name in results:
             report[name] = results[name]

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from videolavit.diffusion.ddim import next_keyframe_start
 from videolavit.llm.sequences import image_token_ids
 from videolavit.llm.text_tokenizer import load_text_tokenizer
+from videolavit.llm.video_codes import KEYFRAME_EXPORT, VideoCoder
 from videolavit.llm.visual_generation import GeneratedClip, SamplingOptions, generate_clips
 from videolavit.models.export import ExportError, load_export
 from videolavit.models.keyframe_detokenizer import load_keyframe_detokenizer
-from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
 from videolavit.models.latent_space import build_latent_space, images_to_uint8, images_to_unit_range
 from videolavit.models.motion_tokenizer import MotionTokenizer
 from videolavit.models.video_detokenizer import load_video_detokenizer, read_video_detokenizer_spec
@@ -73,12 +73,13 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class TextToVideo:
-    def __init__(self, llm, tokenizer, vocabulary, motion_tokenizer, keyframe_tokenizer, keyframe_detokenizer,
-                 video_detokenizer, video_spec, options: GenerationOptions | None = None, device: str = "cpu"):
+    def __init__(self, llm, tokenizer, vocabulary, motion_tokenizer, video_coder: VideoCoder | None,
+                 keyframe_detokenizer, video_detokenizer, video_spec, options: GenerationOptions | None = None, device: str = "cpu"):
         self.device = torch.device(device)
         self.llm, self.tokenizer, self.vocabulary = llm.to(self.device).eval(), tokenizer, vocabulary
         self.motion_tokenizer = motion_tokenizer.to(self.device).eval()
-        self.keyframe_tokenizer = keyframe_tokenizer.to(self.device).eval() if keyframe_tokenizer is not None else None
+        # image-to-video tokenises the given image with the coder that wrote the training token shards
+        self.video_coder = video_coder if video_coder is not None and video_coder.has_keyframes else None
         self.keyframe_detokenizer = keyframe_detokenizer.to(self.device).eval()
         self.keyframe_space = build_latent_space(keyframe_detokenizer.latent_space_spec).to(self.device)
         self.video_detokenizer, self.video_spec = video_detokenizer.to(self.device).eval(), video_spec
@@ -102,9 +103,9 @@ class TextToVideo:
             llm = found[0]
         vocabulary = read_llm_vocabulary(llm)
         motion_tokenizer = load_export(root, "motion_tokenizer", expected=MotionTokenizer)  # small: before the LLM
-        keyframe_tokenizer = None
-        if (root / "keyframe_tokenizer.json").is_file():  # only image-to-video needs it
-            keyframe_tokenizer = load_keyframe_tokenizer(root, backbone_weights=keyframe_backbone_weights)
+        has_keyframe_tokenizer = (root / f"{KEYFRAME_EXPORT}.json").is_file()  # only image-to-video needs it
+        coder = VideoCoder(vocabulary, root, root if has_keyframe_tokenizer else None,
+                           keyframe_backbone_weights=keyframe_backbone_weights, device=device)
         video_dir = _find_export(root, "video_detokenizer")
         video_detokenizer, _ = load_video_detokenizer(video_dir)
         known = {f.name for f in fields(GenerationOptions)}
@@ -112,7 +113,7 @@ class TextToVideo:
         if unknown:
             raise TypeError(f"unknown generation options {unknown}; known: {sorted(known)}")
         return cls(load_llm(llm), load_text_tokenizer(llm, vocabulary), vocabulary,
-                   motion_tokenizer, keyframe_tokenizer,
+                   motion_tokenizer, coder,
                    load_keyframe_detokenizer(_find_export(root, "keyframe_detokenizer")), video_detokenizer,
                    read_video_detokenizer_spec(video_dir), GenerationOptions(**options), device=device)
 
@@ -139,13 +140,11 @@ class TextToVideo:
 
     def image_codes(self, image: torch.Tensor) -> list[int]:
         """Keyframe codes of an image (uint8 [3, H, W]) from the keyframe tokenizer."""
-        if self.keyframe_tokenizer is None:
+        if self.video_coder is None:
             raise ExportError("image-to-video needs the keyframe_tokenizer export next to the others")
-        size = self.keyframe_tokenizer.config.vit.image_size
+        size = self.video_coder.keyframe_image_size()
         pixels = _resize(image[None].float().div(255.0).to(self.device), (size, size))
-        with torch.no_grad():
-            ids, lengths = self.keyframe_tokenizer.tokenize(pixels)
-        return ids[0, : int(lengths[0])].tolist()
+        return self.video_coder.image_codes(pixels)[0].tolist()
 
     def clip_tokens(self, prompt: str, num_clips: int = 1, image: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> list[GeneratedClip]:

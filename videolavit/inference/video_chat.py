@@ -5,8 +5,8 @@ The path is the training path, run once on one video:
 1. ``decompose_video`` (6 fps MPEG-4 re-encode + motion vectors, DESIGN §4) with the same settings and
    the same clip selection (``select_clip_starts``, ``max_clips``) as ``prepare``;
 2. the frozen stage-1 tokenizers turn each clip into ``[IMG] keyframe codes [/IMG] [MOV] motion codes
-   [/MOV]`` - the very code of the training views (``datamodules.llm_views.VideoTokenView``), so the
-   ids equal the ones the LLM was trained on;
+   [/MOV]`` - the video coder of the tokenize job that wrote the training token shards
+   (``videolavit.llm.video_codes.VideoCoder``), so the ids equal the ones the LLM was trained on;
 3. the "v1" conversation template (``videolavit.llm.conversation``) builds the prompt
    ``{system} USER: <video>\\n{question} ASSISTANT:`` with the video ids in place of ``<video>``;
 4. greedy (or sampled) decoding with every non-text id suppressed (``TextOnlyConstraint``), stopping at
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import string
 from collections import defaultdict
@@ -38,9 +37,12 @@ from pathlib import Path
 import torch
 
 from videolavit.llm.constrained_decoding import TextOnlyConstraint
+from videolavit.llm.text_tokenizer import load_text_tokenizer
+from videolavit.llm.video_codes import VideoCoder, TokenizerExportError
 from videolavit.llm.conversation import LLAVA_V1, VIDEO_LAVIT_RELEASE, VIDEO_PLACEHOLDER, ConversationTemplate, Message
 from videolavit.llm.vocabulary import Vocabulary
 from videolavit.video import errors
+from videolavit.video.clips import select_clip_starts
 from videolavit.video.decompose import DecomposeConfig, VideoSource, decompose_video
 
 VOCABULARY_FILE = "videolavit_vocabulary.json"  # written next to the model by the LLM stages' export
@@ -49,10 +51,6 @@ TEMPLATES: dict[str, ConversationTemplate] = {"v1": LLAVA_V1, "video_lavit_relea
 
 class ModelDirectoryError(FileNotFoundError):
     """The LLM directory is missing, incomplete or unreadable (not an LLM stage export)."""
-
-
-class TokenizerExportError(FileNotFoundError):
-    """A stage-1 tokenizer export (motion / keyframe) is missing from the tokenizers directory."""
 
 
 class VideoInputError(ValueError):
@@ -252,27 +250,24 @@ class VideoChat:
                  keyframe_backbone_weights: str | None = None, template: str = "v1", max_clips: int = 8,
                  decompose: DecomposeConfig | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
                  seed: int = 0):
-        from datamodules.llm_views import KEYFRAME_EXPORT, MOTION_EXPORT, VideoTokenView
-
         self.model_dir = check_llm_directory(model_dir)
         self.vocabulary = read_llm_vocabulary(self.model_dir)
+        if keyframe_source not in ("tokenizer", "none"):
+            raise ValueError(f"keyframe_source must be 'tokenizer' or 'none', got {keyframe_source!r}")
         tokenizers_dir = Path(tokenizers_dir)
-        needed = [MOTION_EXPORT] + ([KEYFRAME_EXPORT] if keyframe_source == "tokenizer" else [])
-        for name in needed:
-            if not all((tokenizers_dir / f"{name}{suffix}").is_file() for suffix in (".json", ".safetensors")):
-                raise TokenizerExportError(f"{tokenizers_dir} has no {name}.json/.safetensors (the stage-1 export"
-                                           + (", or keyframe_source='none' for a motion-only LLM)"
-                                              if name == KEYFRAME_EXPORT else ")"))
         self.template = template_by_name(template)
         self.decompose = decompose or DecomposeConfig(max_clips=max_clips)
-        # The training views' own code path: the same clip selection and the same frozen tokenizers.
-        self.codes = VideoTokenView(str(self.model_dir), self.vocabulary, motion_source="tokenizer",
-                                    motion_tokenizer_export=str(tokenizers_dir), keyframe_source=keyframe_source,
-                                    keyframe_tokenizer_export=str(tokenizers_dir) if keyframe_source == "tokenizer"
-                                    else None, keyframe_backbone_weights=keyframe_backbone_weights,
-                                    tokenizer_device=device, max_clips=max_clips)
+        self.max_clips = max_clips
+        # The tokenize job's own coder: the same clip selection and the same frozen tokenizers.
         try:
-            self.tokenizer = self.codes.tokenizer
+            self.codes = VideoCoder(self.vocabulary, tokenizers_dir,
+                                    tokenizers_dir if keyframe_source == "tokenizer" else None,
+                                    keyframe_backbone_weights=keyframe_backbone_weights, device=device)
+        except TokenizerExportError as exc:
+            hint = " (or keyframe_source='none' for a motion-only LLM)" if keyframe_source == "tokenizer" else ""
+            raise TokenizerExportError(f"{exc}{hint}") from None
+        try:
+            self.tokenizer = load_text_tokenizer(str(self.model_dir), self.vocabulary)
         except (OSError, ValueError) as exc:
             raise ModelDirectoryError(f"cannot load the text tokenizer in {self.model_dir}: {exc}") from None
         self.model = load_llm(self.model_dir, device=device, dtype=dtype)
@@ -289,9 +284,12 @@ class VideoChat:
             raise FileNotFoundError(f"video not found: {video}")
         try:
             decomposed = decompose_video(video, self.decompose)
-            sample = {"key": name, "caption": "", "meta": decomposed.metadata(), "mp4": decomposed.mp4,
+            sample = {"key": name, "meta": decomposed.metadata(), "mp4": decomposed.mp4,
                       "motion": decomposed.motion}
-            starts = self.codes.clip_starts(sample, False, random.Random(0))
+            meta = sample["meta"]
+            starts = select_clip_starts(meta["iframes"], meta["num_frames"], self.codes.clip_frames, self.max_clips)
+            if not starts:
+                raise errors.VideoSkip(errors.TOO_SHORT, f"{name}: no {self.codes.clip_frames}-frame clip")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 keyframes, motions = self.codes.video_codes(sample, starts)
