@@ -341,6 +341,9 @@ def numbered_token_shards(root: Path, shards: int = 8, per_shard: int = 3) -> Pa
             for j in range(per_shard):
                 n = s * per_shard + j
                 sink.write(token_raw(f"v{n:03d}", None, {12: [n, n], 36: [n, n]}, caption=f"video {n}", vocab=VOCAB))
+    names = [f"tok-{s:03d}.tar" for s in range(shards)]  # a finished job's manifest: the DataModule reads only it
+    (root / "manifest.json").write_text(json.dumps({"complete": True, "shards": names,
+                                                    "shard_samples": {n: per_shard for n in names}}))
     return root
 
 

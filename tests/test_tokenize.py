@@ -157,7 +157,7 @@ def test_undecodable_samples_are_counted_skips(exports, tmp_path):
     with wds.TarWriter(str(shards / "bad-000.tar")) as sink:
         sink.write(encode_sample("short", "c", meta, b"", np.zeros((20, 2, 6, 6), np.float16)))
         sink.write({"__key__": "broken", "txt": b"c", "json": b"{not json", "mp4": b"", "motion.npy": b"x"})
-    manifest, _ = run(shards, exports, tmp_path / "tokens")
+    manifest, _ = run(str(shards / "bad-000.tar"), exports, tmp_path / "tokens")  # named: no manifest
     assert manifest["written"] == 0 and manifest["skipped"] == {"too_short": 1, "corrupt_sample": 1}
     lines = [json.loads(line) for line in (tmp_path / "tokens" / "skipped.jsonl").read_text().splitlines()]
     assert sorted(item["key"] for item in lines) == ["broken", "short"]
