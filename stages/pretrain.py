@@ -170,10 +170,14 @@ def mean_resized_rows(old: torch.Tensor, count: int, seed: int = 0) -> torch.Ten
     """``count`` new rows drawn around the mean of ``old`` with 1e-9 of its covariance (as transformers'
     ``resize_token_embeddings(mean_resizing=True)``; just the mean when that covariance is not positive
     definite). Seeded, so every rank computes the same rows and keeps the slice of its shard."""
-    old = old.double()
-    mean = old.mean(0)
-    centred = old - mean
-    covariance = centred.T @ centred / old.shape[0]
+    total = torch.zeros(old.shape[1], dtype=torch.float64)
+    gram = torch.zeros(old.shape[1], old.shape[1], dtype=torch.float64)
+    for chunk in old.split(4096):  # bounded float64 copies, whatever the vocabulary
+        chunk = chunk.double()
+        total += chunk.sum(0)
+        gram += chunk.T @ chunk
+    mean = total / old.shape[0]
+    covariance = gram / old.shape[0] - torch.outer(mean, mean)
     noise = torch.randn(count, old.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     factor, info = torch.linalg.cholesky_ex(1e-9 * covariance)
     rows = mean + noise @ factor.T if int(info) == 0 else mean.expand(count, -1)
