@@ -29,15 +29,23 @@ markers), ``train/padding_fraction``, ``train/tokens_per_s`` (all ranks, padding
 between consecutive batches), ``train/model_tflops_per_s`` and, on GPUs, ``train/mfu`` (``videolavit.llm.flops``); on validation the token-weighted ``val/loss`` and ``val/loss_<modality>``
 summed over all ranks.
 
-**Scale.** With Lightning's ``ModelParallelStrategy`` (it sets ``self.device_mesh``) ``configure_model``
-applies FSDP2 ``fully_shard`` to every decoder layer and then to the whole LLM over the
-``data_parallel`` mesh dimension (tensor parallelism is not implemented: ``tensor_parallel_size`` must be
-1), optionally with a bf16 parameter ``MixedPrecisionPolicy``. Activation checkpointing (non-reentrant)
+**Scale.** No rank holds the whole model. With ``llm_path`` the LLM is built on the meta device in
+``__init__``; ``configure_model`` shards it (with Lightning's ``ModelParallelStrategy``, which sets
+``self.device_mesh``: FSDP2 ``fully_shard`` on every decoder layer and then the whole LLM over the
+``data_parallel`` mesh dimension; tensor parallelism is not implemented, ``tensor_parallel_size`` must be
+1; optionally a bf16 parameter ``MixedPrecisionPolicy``) and then ``materialize`` gives each shard storage
+on the strategy's device and reads into it only its own rows of the safetensors files
+(``videolavit.llm.sharded_weights``), in ``load_dtype``. ``init_from`` set before that (a trainer's order:
+``setup`` runs first) replaces the weights source; resuming (``--ckpt_path``) skips the read, the
+checkpoint restores every weight. Outside a trainer call ``configure_model()`` (or ``materialize()``)
+before using the model. ``llm_config`` models (tiny runs) are initialised randomly and in full at
+construction, identically on every rank under the same seed. Activation checkpointing (non-reentrant)
 is the decoder layers' own (``gradient_checkpointing_enable``). Under FSDP2 every rank must run the same
 number of forward passes: give every rank the same number of validation batches (``limit_val_batches``).
 
-**Export** (``export_dir``, at the end of ``fit``; or ``export(dir)``): ``save_pretrained`` of the model
-(full state dict gathered from the shards first) and the tokenizer, plus ``videolavit_vocabulary.json``;
+**Export** (``export_dir``, at the end of ``fit``; or ``export(dir)``, on every rank): one parameter at a
+time is gathered and handed to rank 0, which keeps it in ``export_dtype`` until its safetensors file
+(about 2 GB each, with an index) is written; then config, tokenizer and ``videolavit_vocabulary.json``.
 ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads it as is (``use_cache`` back on).
 """
 
@@ -55,15 +63,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from stages.base import OptimizerConfig, StageModule
 from stages.nonfinite_guard import NonFiniteExportError, nonfinite_names
 from stages.staged_export import write_staged
 from videolavit.llm.flops import model_flops_utilisation, training_flops_per_token
 from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
+from videolavit.llm.sharded_weights import (DEFAULT_SHARD_BYTES, SafetensorsDirectory, SafetensorsShardWriter,
+                                            WeightsError, full_tensor, load_rows_into)
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer
 from videolavit.llm.vocabulary import Modality, Vocabulary
 
@@ -161,6 +171,24 @@ def split_vocabulary_rows(llm: LlamaForCausalLM, split: int) -> None:
     llm.lm_head = SplitLMHead(head.weight, split)
 
 
+def mean_resized_rows(old: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` new rows drawn around the mean of ``old`` with 1e-9 of its covariance (as transformers'
+    ``resize_token_embeddings(mean_resizing=True)``; just the mean when that covariance is not positive
+    definite). Seeded, so every rank computes the same rows and keeps the slice of its shard."""
+    total = torch.zeros(old.shape[1], dtype=torch.float64)
+    gram = torch.zeros(old.shape[1], old.shape[1], dtype=torch.float64)
+    for chunk in old.split(4096):  # bounded float64 copies, whatever the vocabulary
+        chunk = chunk.double()
+        total += chunk.sum(0)
+        gram += chunk.T @ chunk
+    mean = total / old.shape[0]
+    covariance = gram / old.shape[0] - torch.outer(mean, mean)
+    noise = torch.randn(count, old.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(1e-9 * covariance)
+    rows = mean + noise @ factor.T if int(info) == 0 else mean.expand(count, -1)
+    return rows.float()
+
+
 def join_vocabulary_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A split state dict (``*.base`` / ``*.new``) -> the plain ``LlamaForCausalLM`` layout (``*.weight``)."""
     out = {}
@@ -213,6 +241,7 @@ class PretrainStage(StageModule):
         if build_tokenizer_if_missing is not None and not Path(tokenizer_path).is_dir():
             self._build_tokenizer(build_tokenizer_if_missing)
         self.tokenizer = load_text_tokenizer(tokenizer_path, self.vocabulary)
+        self._weights_source: str | None = None  # HF directory the meta-device LLM loads in configure_model
         self.llm = self._build_llm(llm_path, llm_config, attn_implementation, _dtype(load_dtype))
         if activation_checkpointing:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -249,9 +278,15 @@ class PretrainStage(StageModule):
         if llm_path is not None:
             if not Path(llm_path).is_dir():
                 raise FileNotFoundError(f"LLM directory {llm_path} does not exist (weights load from local files only)")
-            llm = LlamaForCausalLM.from_pretrained(llm_path, local_files_only=True, dtype=load_dtype,
-                                                   attn_implementation=attn)
-            llm.train()  # from_pretrained returns eval mode; Lightning keeps it, and checkpointing needs train mode
+            config = LlamaConfig.from_pretrained(llm_path, local_files_only=True)
+            self._source_rows(llm_path, allow_text_only=True)  # refuses unreadable weights before any work
+            config.vocab_size = vocab.size
+            with torch.device("meta"):  # no memory: weights arrive shard by shard in configure_model
+                llm = LlamaForCausalLM(config)
+            if load_dtype is not None:
+                llm.to(load_dtype)
+            llm.train()  # Lightning keeps module modes as they are, and checkpointing needs train mode
+            self._weights_source = llm_path
         else:
             config = dict(llm_config)
             if config.setdefault("vocab_size", vocab.size) != vocab.size:
@@ -259,30 +294,98 @@ class PretrainStage(StageModule):
                                  f"{vocab.size} ids")
             config.setdefault("tie_word_embeddings", False)
             llm = LlamaForCausalLM(LlamaConfig(**config))
-            llm.set_attn_implementation(attn)
-        rows = llm.get_input_embeddings().weight.shape[0]
-        if rows != vocab.size:
-            if rows != vocab.text_size:
-                raise ValueError(f"the LLM has {rows} vocabulary rows; expected the text vocabulary "
-                                 f"({vocab.text_size}) or the full layout ({vocab.size})")
-            llm.resize_token_embeddings(vocab.size, mean_resizing=True)
+        llm.set_attn_implementation(attn)
         llm.config.vocab_size = vocab.size
         llm.config.use_cache = False  # a KV cache switches off packed-document masking (see sequences)
         split_vocabulary_rows(llm, vocab.text_size)
         return llm
 
+    def _source_rows(self, directory: str, allow_text_only: bool) -> int:
+        """Vocabulary rows of the weights in ``directory`` (the text vocabulary or the full layout)."""
+        reader = SafetensorsDirectory(directory)
+        rows = reader.shape("model.embed_tokens.weight")[0]
+        allowed = (self.vocabulary.text_size, self.vocabulary.size) if allow_text_only else (self.vocabulary.size,)
+        if rows not in allowed:
+            raise ValueError(f"{directory} has {rows} vocabulary rows; expected "
+                             + ("the text vocabulary ({}) or ".format(self.vocabulary.text_size) if allow_text_only
+                                else "") + f"the full layout ({self.vocabulary.size})")
+        return rows
+
+    # ---- weights: meta device -> shards ----------------------------------------------------------
+    def is_materialized(self) -> bool:
+        """False until ``configure_model`` has given the (meta-device) LLM storage and weights."""
+        return not any(p.device.type == "meta" for p in self.llm.parameters())
+
+    def materialize(self, device: torch.device | str | None = None) -> None:
+        """Give the meta-device LLM (sharded or not) storage on ``device`` and load its weights source into
+        it, one tensor at a time: each rank reads only the rows of its own shards. ``configure_model`` calls
+        this; call it (or ``configure_model``) yourself when using the stage outside a trainer."""
+        if self.is_materialized():
+            return
+        device = torch.device(device or "cpu")
+        self.llm.to_empty(device=device)
+        rotary = self.llm.model.rotary_emb
+        fresh = type(rotary)(config=self.llm.config)  # non-persistent buffers: in no checkpoint, recomputed
+        for name, buffer in fresh.named_buffers():
+            getattr(rotary, name).copy_(buffer.to(device))
+        meta = [name for name, b in self.llm.named_buffers() if b.device.type == "meta"]
+        if meta:
+            raise RuntimeError(f"buffers left on the meta device: {meta}")
+        if self._resuming():
+            rank_zero_info("PretrainStage: resuming; the checkpoint restores every weight (skipping "
+                           f"{self._weights_source})")
+            return
+        self._load_weights(self._weights_source)
+
+    def _resuming(self) -> bool:
+        return self._trainer is not None and self.trainer.ckpt_path is not None
+
+    @torch.no_grad()
+    def _load_weights(self, directory: str) -> None:
+        """Copy a HF directory's weights into the LLM's (possibly sharded) parameters, tensor by tensor.
+        A text-only embedding / ``lm_head`` gets its new rows by mean resizing (``mean_resized_rows``)."""
+        reader = SafetensorsDirectory(directory)
+        rows = self._source_rows(directory, allow_text_only=True)
+        split, fresh_rows = self.vocabulary.text_size, {}
+        expected = set()
+        for name, param in self.llm.named_parameters():
+            prefix, _, part = name.rpartition(".")
+            if prefix in ("model.embed_tokens", "lm_head"):
+                key = f"{prefix}.weight"
+                if part == "base":
+                    fetch = (lambda k: lambda a, b: reader.rows(k, a, b))(key)
+                elif rows == self.vocabulary.size:
+                    fetch = (lambda k: lambda a, b: reader.rows(k, split + a, split + b))(key)
+                else:
+                    fresh_rows[key] = mean_resized_rows(reader.full(key), self.vocabulary.size - split)
+                    fetch = (lambda k: lambda a, b: fresh_rows[k][a:b])(key)
+            else:
+                key = name
+                fetch = (lambda k: lambda a, b: reader.rows(k, a, b))(key)
+            if key not in reader:
+                raise WeightsError(f"{directory} has no tensor {key!r} (needed for {name})")
+            if tuple(reader.shape(key)[1:]) != tuple(param.shape[1:]):
+                raise WeightsError(f"{directory}: {key} has shape {reader.shape(key)}, the model's {name} is "
+                                   f"{tuple(param.shape)}")
+            expected.add(key)
+            load_rows_into(param, fetch)
+            if part == "new":
+                fresh_rows.pop(key, None)
+        unexpected = [k for k in reader.keys() if k not in expected and "rotary_emb" not in k]
+        if unexpected:
+            raise WeightsError(f"{directory} holds tensors the model does not have: {unexpected[:5]}")
+
     def load_init_from(self, directory: str) -> None:
-        """Start from a previous pre-training export (a HF directory of this layout)."""
-        source = LlamaForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
-        state = source.state_dict()
-        rows = state["model.embed_tokens.weight"].shape[0]
-        if rows != self.vocabulary.size:
-            raise ValueError(f"{directory} has {rows} vocabulary rows, the layout has {self.vocabulary.size}")
-        split = self.vocabulary.text_size
-        for prefix in ("model.embed_tokens", "lm_head"):
-            weight = state.pop(f"{prefix}.weight")
-            state[f"{prefix}.base"], state[f"{prefix}.new"] = weight[:split], weight[split:]
-        self.llm.load_state_dict(state, strict=True)
+        """Start from a previous pre-training export (a HF directory of this layout). Before
+        ``configure_model`` (a trainer's order) it becomes the weights source; afterwards it is loaded
+        into the current (possibly sharded) parameters."""
+        if not Path(directory).is_dir():
+            raise FileNotFoundError(f"init_from directory {directory} does not exist")
+        self._source_rows(directory, allow_text_only=False)
+        if self.is_materialized():
+            self._load_weights(directory)
+        else:
+            self._weights_source = directory
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -305,9 +408,12 @@ class PretrainStage(StageModule):
 
     # ---- FSDP2 -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """FSDP2 per decoder layer, then the root, when the strategy provides a device mesh."""
+        """FSDP2 per decoder layer, then the root, when the strategy provides a device mesh; then the
+        meta-device LLM gets storage on the strategy's device and its weights (``materialize``)."""
         mesh = self.device_mesh
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
         if mesh is None:
+            self.materialize(device)
             return
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -323,6 +429,7 @@ class PretrainStage(StageModule):
         for layer in self.llm.model.layers:
             fully_shard(layer, **kwargs)
         fully_shard(self.llm, **kwargs)
+        self.materialize(device if device is not None else dp_mesh.device_type)
 
     # ---- loss ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -421,38 +528,58 @@ class PretrainStage(StageModule):
             return get_model_state_dict(self.llm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.llm.state_dict().items()}
 
-    def export(self, directory: str | Path) -> None:
-        """Write a Hugging Face directory (model, tokenizer, vocabulary JSON). Call on every rank.
+    def export(self, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        """Write a Hugging Face directory (model, tokenizer, vocabulary JSON). Call on every rank: the
+        parameters are gathered one at a time (a collective under FSDP2) and only rank 0 keeps them, in the
+        export dtype, until the safetensors file they belong to is written.
 
         Refuses (``NonFiniteExportError``) weights that are NaN/inf as exported (in ``export_dtype``); the files
         are written next to ``directory`` and moved in when complete, so a failure leaves it untouched."""
-        state = self.full_state_dict()
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        dtype = _dtype(self.export_dtype)
+        state = self.llm.state_dict()
+        joined = {f"{p}.weight": (f"{p}.base", f"{p}.new") for p in ("model.embed_tokens", "lm_head")}
+        layout = [(name, (name,)) for name in state if not name.startswith(("model.embed_tokens.", "lm_head."))]
+        layout = [(name, parts) for name, parts in joined.items()] + layout
         if rank != 0:
+            for _, parts in layout:  # join rank 0's all-gathers, one parameter at a time
+                for part in parts:
+                    full_tensor(state[part])
             return
-        state = join_vocabulary_rows(state)
+        write_staged(directory, lambda scratch: self._write_hf_directory(scratch, state, layout, dtype,
+                                                                         max_shard_bytes),
+                     replaces=HF_WEIGHT_FILES)
+
+    def _write_hf_directory(self, directory: Path, state: dict, layout: list, dtype: torch.dtype | None,
+                            max_shard_bytes: int) -> None:
+        def nbytes(parts) -> int:
+            size = (dtype or state[parts[0]].dtype).itemsize
+            return sum(state[p].numel() for p in parts) * size
+
+        writer = SafetensorsShardWriter(directory, [(n, nbytes(p)) for n, p in layout], max_shard_bytes)
+        bad = []
+        for name, parts in layout:
+            pieces = [full_tensor(state[p]) for p in parts]  # every rank: all-gather of one parameter
+            value = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            value = value.to(device="cpu", dtype=dtype or value.dtype)
+            del pieces
+            if nonfinite_names([(name, value)]):
+                bad.append(name)
+                continue
+            if not bad:
+                writer.add(name, value)
+        if bad:
+            raise NonFiniteExportError(f"{type(self).__name__}: refusing to export non-finite weights {bad[:8]}"
+                                       f"{' ...' if len(bad) > 8 else ''}; {self.export_dir or 'the export directory'}"
+                                       " was left as it was")
+        writer.close()
         config = copy.deepcopy(self.llm.config)
         config.vocab_size, config.use_cache = self.vocabulary.size, True
         config.tie_word_embeddings = False
-        dtype = _dtype(self.export_dtype)
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        bad = nonfinite_names(state.items())
-        if bad:
-            raise NonFiniteExportError(f"{type(self).__name__}: refusing to export non-finite weights {bad[:8]}"
-                                       f"{' ...' if len(bad) > 8 else ''}; {directory} was left as it was")
-        write_staged(directory, lambda scratch: self._write_hf_directory(state, config, dtype, scratch),
-                     replaces=HF_WEIGHT_FILES)
-
-    def _write_hf_directory(self, state: dict[str, torch.Tensor], config: LlamaConfig, dtype: torch.dtype | None,
-                            directory: Path) -> None:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        model.load_state_dict(state, strict=True, assign=True)
-        model.config.use_cache = True
-        if dtype is not None:
-            model.config.dtype = dtype
-        model.save_pretrained(directory)
+        config.architectures = [LlamaForCausalLM.__name__]
+        config.dtype = dtype or next(iter(state.values())).dtype
+        config.save_pretrained(directory)
+        GenerationConfig.from_model_config(config).save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         vocab = self.vocabulary
         (directory / VOCABULARY_FILE).write_text(json.dumps({

@@ -301,6 +301,8 @@ def stage_batch(tokenizer_dir, tmp_path, vocab=VOCAB) -> dict:
 
 def test_init_from_a_stage2_export_takes_its_weights_tokenizer_and_vocabulary(pretrain_export):
     stage = InstructStage(init_from=str(pretrain_export))
+    assert not stage.is_materialized()  # built on the meta device: weights load in configure_model
+    stage.configure_model()  # what the trainer does (no device mesh: the whole model on CPU)
     assert stage.vocabulary == VOCAB and len(stage.tokenizer) == VOCAB.text_size
     source = AutoModelForCausalLM.from_pretrained(pretrain_export, local_files_only=True)
     assert torch.equal(stage.llm.model.embed_tokens.weight, source.model.embed_tokens.weight)
@@ -317,12 +319,14 @@ def test_init_from_another_export_replaces_the_construction_weights(tokenizer_di
     other = build_pretrain_export(tokenizer_dir, tmp_path / "other", seed=9)
     stage = InstructStage(llm_path=str(pretrain_export), init_from=str(other))
     stage.load_init_from(str(other))  # what setup() does at the start of a new run
+    stage.configure_model()  # then the trainer's configure_model loads it
     source = AutoModelForCausalLM.from_pretrained(other, local_files_only=True)
     assert torch.equal(stage.llm.lm_head.weight, source.lm_head.weight)
 
 
 def test_the_loss_is_taken_on_assistant_tokens_only(tokenizer_dir, pretrain_export, tmp_path):
     stage = InstructStage(init_from=str(pretrain_export)).eval()
+    stage.configure_model()
     batch = stage_batch(tokenizer_dir, tmp_path)
     answer_ids = {i for a in ("circle", "red", "up")
                   for i in stage.tokenizer(" " + a, add_special_tokens=False)["input_ids"]}
@@ -354,6 +358,7 @@ def test_the_loss_is_taken_on_assistant_tokens_only(tokenizer_dir, pretrain_expo
 
 def test_answers_are_text_only_and_scored_by_exact_match(pretrain_export, tokenizer_dir, tmp_path):
     stage = InstructStage(init_from=str(pretrain_export), qa_max_new_tokens=3)
+    stage.configure_model()
     batch = stage_batch(tokenizer_dir, tmp_path)
     questions = batch["questions"]
     with torch.no_grad():

@@ -109,6 +109,7 @@ def test_a_text_only_llm_is_resized_with_its_rows_kept(tokenizer_dir, tmp_path):
     source = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB.text_size, tie_word_embeddings=False, **LLM))
     source.save_pretrained(tmp_path / "llm")
     stage = make_stage(tokenizer_dir, llm_config=None, llm_path=str(tmp_path / "llm"))
+    stage.configure_model()  # what the trainer does: the meta-device model gets its weights
     embed, head = stage.llm.model.embed_tokens, stage.llm.lm_head
     assert torch.equal(embed.base, source.model.embed_tokens.weight)
     assert torch.equal(head.base, source.lm_head.weight)
