@@ -179,11 +179,12 @@ class TextToVideo:
         """g_V: keyframe in [-1, 1] [1, 3, H, W] + motion codes -> frames in [-1, 1] [T, 3, H, W]."""
         spec, o = self.video_spec, self.options
         motion = self.motion_field(motion_codes)[None]
-        latent = self.video_space.encode(_resize(keyframe, spec.frame_size))
-        cond = self.video_detokenizer.conditioning(latent, motion, generator=generator)
-        latents = self.video_detokenizer.sample(cond, spec.num_frames, num_steps=o.video_steps,
-                                                guidance=tuple(o.video_guidance), generator=generator)
-        return self.video_space.decode(latents.flatten(0, 1), num_frames=spec.num_frames)
+        detokenizer = self.video_detokenizer
+        latent = detokenizer.keyframe_latent(self.video_space, _resize(keyframe, spec.frame_size), generator=generator)
+        cond = detokenizer.conditioning(latent, motion, generator=generator)
+        latents = detokenizer.sample(cond, spec.num_frames, num_steps=o.video_steps,
+                                     guidance=tuple(o.video_guidance), generator=generator)
+        return detokenizer.decode(self.video_space, latents)
 
     # ---- public API --------------------------------------------------------------------------------
     def generate(self, prompt: str, num_clips: int = 1, image: torch.Tensor | None = None,

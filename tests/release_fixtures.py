@@ -1,0 +1,105 @@
+"""Tiny models in the release's g_V layout with weights that depend only on parameter names and shapes.
+
+The reference numbers in tests/data/release_reference.json were computed by the release's own code on
+exactly these weights (procedure: tests/data/README.md); filling by sorted name from one seeded generator
+makes the weights the same whatever order a library version creates its modules in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from videolavit.models.motion_condition_encoder import MotionConditionEncoderConfig
+from videolavit.models.video_detokenizer import VideoDetokenizerConfig
+from videolavit.models.video_unet import VideoUNetConfig
+
+REFERENCE_FILE = Path(__file__).parent / "data" / "release_reference.json"
+
+# the release's 3-D U-Net at reduced width: three levels, so the 16x16 motion grid is resampled to 12x20,
+# 6x10 and 3x5 (a 96x160 frame through an 8x VAE)
+GV_UNET = dict(down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
+                                 "DownBlockSpatioTemporal"),
+               up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
+                               "CrossAttnUpBlockSpatioTemporal"),
+               block_out_channels=(32, 64, 64), layers_per_block=1, num_attention_heads=(2, 4, 4),
+               cross_attention_dim=64, addition_time_embed_dim=32, motion_grid=(16, 16))
+GV_ENCODER = dict(dim=32, depth=2, num_heads=2, out_dim=64)  # the release's grid: 16x16
+GV_FRAMES, GV_FRAME_SIZE = 12, (96, 160)  # 12 frames: the release's 8-frame VAE chunks split it 8 + 4
+GV_MOTION_GRID = (20, 36)  # the motion tokenizer's field (release)
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
+                sample_size=96, scaling_factor=0.18215)
+
+
+def gv_config(**overrides) -> VideoDetokenizerConfig:
+    unet = VideoUNetConfig(**GV_UNET)
+    encoder = MotionConditionEncoderConfig(num_frames=GV_FRAMES, **GV_ENCODER)
+    return VideoDetokenizerConfig(unet=unet, motion_encoder=encoder, **overrides)
+
+
+def named_random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """Weights for ``shapes`` from one generator, in sorted-name order: norm scales near 1, biases and
+    other vectors small, matrices and kernels ~ N(0, 1/fan_in) (no layer starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        noise = torch.randn(shape, generator=g)
+        if len(shape) == 1 and ("norm" in name or name.endswith("norm.weight")) and name.endswith("weight"):
+            state[name] = 1.0 + 0.1 * noise
+        elif len(shape) <= 1:
+            state[name] = 0.05 * noise
+        else:
+            fan_in = math.prod(shape[1:])
+            state[name] = noise / math.sqrt(fan_in)
+    return state
+
+
+def fill_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Overwrite every parameter and float buffer of ``module`` with ``named_random_state``."""
+    tensors = {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
+    state = named_random_state({k: tuple(v.shape) for k, v in tensors.items()}, seed)
+    module.load_state_dict(state, strict=False)
+    return module
+
+
+def gv_inputs(seed: int = 7) -> dict[str, torch.Tensor]:
+    """A keyframe in [-1, 1] [1, 3, 96, 160] and a motion field at the tokenizer's scale [1, 2, 12, 20, 36]."""
+    g = torch.Generator().manual_seed(seed)
+    keyframe = torch.rand(1, 3, *GV_FRAME_SIZE, generator=g) * 2 - 1
+    motion = 10.0 * torch.randn(1, 2, GV_FRAMES, *GV_MOTION_GRID, generator=g)
+    return {"keyframe": keyframe, "motion": motion}
+
+
+def unet_call_inputs(seed: int = 3) -> tuple[torch.Tensor, ...]:
+    """One U-Net call: sample [2, 12, 10, 12, 20], timestep, context [2, 12, 256, 64], time ids [2, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, GV_FRAMES, 10, 12, 20, generator=g)
+    context = torch.randn(2, GV_FRAMES, 256, GV_UNET["cross_attention_dim"], generator=g)
+    return sample, torch.tensor(0.4), context, torch.tensor([[6.0, 127.0, 0.02]] * 2)
+
+
+def summary(x: torch.Tensor, points: int = 64) -> dict:
+    """What the reference file keeps of a tensor: its shape, sum, L2 norm and ``points`` evenly strided values."""
+    flat = x.detach().double().flatten()
+    index = torch.linspace(0, flat.numel() - 1, points).round().long()
+    return {"shape": list(x.shape), "sum": float(flat.sum()), "norm": float(flat.norm()),
+            "index": index.tolist(), "values": flat[index].tolist()}
+
+
+def max_relative_difference(x: torch.Tensor, reference: dict) -> float:
+    """Largest |ours - release| at the stored points, and of the norm, relative to the reference's RMS."""
+    flat = x.detach().double().flatten()
+    assert list(x.shape) == reference["shape"]
+    rms = reference["norm"] / math.sqrt(flat.numel())
+    values = torch.tensor(reference["values"], dtype=torch.float64)
+    point = (flat[torch.tensor(reference["index"])] - values).abs().max().item() / rms
+    return max(point, abs(flat.norm().item() - reference["norm"]) / reference["norm"])
+
+
+def load_reference() -> dict:
+    return json.loads(REFERENCE_FILE.read_text())
