@@ -17,6 +17,7 @@ Exports directory layout (what the stages' ``export_dir`` write; ``from_director
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -29,7 +30,7 @@ from videolavit.llm.sequences import image_token_ids
 from videolavit.llm.text_tokenizer import load_text_tokenizer
 from videolavit.llm.visual_generation import GeneratedClip, SamplingOptions, generate_clips
 from videolavit.models.export import ExportError, load_export
-from videolavit.models.keyframe_detokenizer import load_keyframe_detokenizer
+from videolavit.models.keyframe_detokenizer import SDXL_DDIM, load_keyframe_detokenizer
 from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
 from videolavit.models.latent_space import build_latent_space, images_to_uint8, images_to_unit_range
 from videolavit.models.video_detokenizer import load_video_detokenizer, read_video_detokenizer_spec
@@ -51,10 +52,24 @@ class GenerationOptions:
     top_k: int | None = None
     keyframe_steps: int | None = None  # g_I steps (None: its config's)
     keyframe_image_guidance: float | None = None  # g_I CFG scale (None: its config's)
+    keyframe_sampler: str | None = None  # g_I sampler: "euler" | "ddim" | "euler_ancestral" (None: its config's;
+    #                                      the release's two need a discrete-time g_I, e.g. an imported one)
     video_steps: int = 25
     video_guidance: tuple[float, float] = (1.0, 4.0)
     long_video_start: Literal["noise", "invert"] = "noise"
     long_video_fraction: float = 0.85
+
+
+def with_keyframe_sampler(detokenizer, sampler: str):
+    """``detokenizer`` set to sample with ``sampler``; the release's samplers take the scheduler config the
+    detokenizer records (an imported one), else SDXL's DDIM config."""
+    diffusion = detokenizer.config.diffusion
+    try:
+        detokenizer.config.diffusion = dataclasses.replace(
+            diffusion, sampler=sampler, scheduler=diffusion.scheduler or (None if sampler == "euler" else SDXL_DDIM))
+    except ValueError as exc:
+        raise ExportError(f"keyframe_sampler {sampler!r} does not fit the keyframe detokenizer: {exc}") from None
+    return detokenizer
 
 
 def _find_export(root: Path, name: str) -> Path:
@@ -78,11 +93,13 @@ class TextToVideo:
         self.llm, self.tokenizer, self.vocabulary = llm.to(self.device).eval(), tokenizer, vocabulary
         self.motion_tokenizer = motion_tokenizer.to(self.device).eval()
         self.keyframe_tokenizer = keyframe_tokenizer.to(self.device).eval() if keyframe_tokenizer is not None else None
+        self.options = options or GenerationOptions()
+        if self.options.keyframe_sampler is not None:
+            keyframe_detokenizer = with_keyframe_sampler(keyframe_detokenizer, self.options.keyframe_sampler)
         self.keyframe_detokenizer = keyframe_detokenizer.to(self.device).eval()
         self.keyframe_space = build_latent_space(keyframe_detokenizer.latent_space_spec).to(self.device)
         self.video_detokenizer, self.video_spec = video_detokenizer.to(self.device).eval(), video_spec
         self.video_space = build_latent_space(video_spec.latent_space).to(self.device)
-        self.options = options or GenerationOptions()
         self._check_fit()
 
     @classmethod
@@ -161,8 +178,7 @@ class TextToVideo:
         cond = kdet.conditioning(torch.tensor([codes], device=self.device))
         x_init = sigmas = None
         if previous_frame is not None:
-            size = kdet.config.image_size
-            latent = self.keyframe_space.encode(_resize(previous_frame, (size, size)))
+            latent = self.keyframe_space.encode(_resize(previous_frame, kdet.config.image_hw))
             start = next_keyframe_start(latent, kdet.sigmas(o.keyframe_steps, self.device),
                                         strategy=o.long_video_start, fraction=o.long_video_fraction,
                                         denoise=kdet.denoise_fn(cond, o.keyframe_image_guidance), generator=generator)
