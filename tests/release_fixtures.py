@@ -103,3 +103,25 @@ def max_relative_difference(x: torch.Tensor, reference: dict) -> float:
 
 def load_reference() -> dict:
     return json.loads(REFERENCE_FILE.read_text())
+
+
+# ---- the LLM ---------------------------------------------------------------------------------------
+
+LLM_PROMPT = [450, 2118, 29871, 338, 4047, 2175]  # text ids of a prompt (Llama-2 ids; no BOS, as the release)
+LLM_MAX_NEW_TOKENS = 80  # the release's max_new_tokens per block in the reference run (its default: 500)
+
+
+def tiny_release_llm(seed: int = 21):
+    """A 2-layer Llama over the release's full 49412-id vocabulary, weights by ``fill_``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=49412, max_position_embeddings=512,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    fill_(model, seed)
+    with torch.no_grad():  # lm_head rows larger than fill_'s 1/sqrt(32): confident, spread greedy choices
+        model.lm_head.weight.mul_(8.0)
+        model.lm_head.weight[32001] *= 6.0  # [/IMG], [/MOV]: likely to win soon after the 20-code minimum
+        model.lm_head.weight[48387] *= -20.0
+    return model

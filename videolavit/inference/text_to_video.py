@@ -33,6 +33,7 @@ from videolavit.models.export import ExportError, load_export
 from videolavit.models.keyframe_detokenizer import SDXL_DDIM, load_keyframe_detokenizer
 from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
 from videolavit.models.latent_space import build_latent_space, images_to_uint8, images_to_unit_range
+from videolavit.release.layout import read_behaviour
 from videolavit.models.video_detokenizer import load_video_detokenizer, read_video_detokenizer_spec
 
 # The release generates with its pre-trained LLM; instruction tuning on conversations alone (ours too) erodes
@@ -57,6 +58,8 @@ class GenerationOptions:
     video_steps: int = 25
     video_guidance: tuple[float, float] = (1.0, 4.0)
     long_video_start: Literal["noise", "invert"] = "noise"
+    llm_behaviour: str | None = None  # "release" | "ours" (None: "release" for an LLM directory the import
+    #                                   wrote, see videolavit.release.layout.BEHAVIOUR_FILE; else "ours")
     long_video_fraction: float = 0.85
 
 
@@ -94,6 +97,8 @@ class TextToVideo:
         self.motion_tokenizer = motion_tokenizer.to(self.device).eval()
         self.keyframe_tokenizer = keyframe_tokenizer.to(self.device).eval() if keyframe_tokenizer is not None else None
         self.options = options or GenerationOptions()
+        if self.options.llm_behaviour not in (None, "release", "ours"):
+            raise ValueError(f"llm_behaviour must be 'release' or 'ours', got {self.options.llm_behaviour!r}")
         if self.options.keyframe_sampler is not None:
             keyframe_detokenizer = with_keyframe_sampler(keyframe_detokenizer, self.options.keyframe_sampler)
         self.keyframe_detokenizer = keyframe_detokenizer.to(self.device).eval()
@@ -117,6 +122,8 @@ class TextToVideo:
                 raise ExportError(f"no LLM export in {root} ({' or '.join(LLM_DIRECTORIES)}/); pass llm=DIR")
             llm = found[0]
         vocabulary = read_llm_vocabulary(llm)
+        if options.get("llm_behaviour") is None:
+            options["llm_behaviour"] = read_behaviour(llm).get("llm_generation", "ours")
         keyframe_tokenizer = None
         if (root / "keyframe_tokenizer.json").is_file():  # only image-to-video needs it
             keyframe_tokenizer = load_keyframe_tokenizer(root, backbone_weights=keyframe_backbone_weights)
@@ -146,11 +153,13 @@ class TextToVideo:
     # ---- LLM ---------------------------------------------------------------------------------------
     def _sampling(self) -> SamplingOptions:
         o = self.options
-        return SamplingOptions(motion_length=self.motion_tokenizer.num_tokens,
-                               keyframe_max_length=self.keyframe_detokenizer.config.decoder.max_codes,
-                               keyframe_guidance=o.keyframe_guidance, motion_guidance=o.motion_guidance,
-                               temperature=o.temperature,
-                               keyframe_temperature=o.keyframe_temperature, top_k=o.top_k)
+        common = dict(motion_length=self.motion_tokenizer.num_tokens,
+                      keyframe_max_length=self.keyframe_detokenizer.config.decoder.max_codes,
+                      keyframe_guidance=o.keyframe_guidance, motion_guidance=o.motion_guidance,
+                      temperature=o.temperature, keyframe_temperature=o.keyframe_temperature, top_k=o.top_k)
+        if o.llm_behaviour == "release":
+            return SamplingOptions.release(**common)
+        return SamplingOptions(**common)
 
     def image_codes(self, image: torch.Tensor) -> list[int]:
         """Keyframe codes of an image (uint8 [3, H, W]) from the keyframe tokenizer."""
@@ -165,7 +174,8 @@ class TextToVideo:
     def clip_tokens(self, prompt: str, num_clips: int = 1, image: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> list[GeneratedClip]:
         text = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = [self.tokenizer.bos_token_id, *text]
+        # the release's prompt is the text alone (then [IMG]); ours starts with BOS, as the LLM trains
+        ids = list(text) if self.options.llm_behaviour == "release" else [self.tokenizer.bos_token_id, *text]
         if image is not None:
             ids += image_token_ids(self.image_codes(image), self.vocabulary) + [self.vocabulary.motion_start_id]
         return generate_clips(self.llm, self.vocabulary, ids, num_clips, self._sampling(), generator=generator)
