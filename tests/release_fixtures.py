@@ -125,3 +125,94 @@ def tiny_release_llm(seed: int = 21):
         model.lm_head.weight[32001] *= 6.0  # [/IMG], [/MOV]: likely to win soon after the 20-code minimum
         model.lm_head.weight[48387] *= -20.0
     return model
+
+
+# ---- a fabricated release directory ---------------------------------------------------------------
+
+def _save_bin(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().clone() for k, v in state.items()}, path)
+
+
+def _without(state: dict, suffixes: tuple[str, ...]) -> dict:
+    return {k: v for k, v in state.items() if not k.endswith(suffixes)}
+
+
+def fabricate_release(root: Path) -> dict:
+    """A release-layout directory with random weights at reduced sizes -> ``{"sizes": ..., "models": ...}``
+    (the import's size overrides, and the source modules to compare the imports with)."""
+    import dataclasses
+
+    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.test_keyframe_tokenizer import tiny_decoder_config, tiny_tokenizer_config
+    from videolavit.llm.text_tokenizer import build_tiny_tokenizer
+    from videolavit.models.keyframe_detokenizer import SDXL_DDIM
+    from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoder
+    from videolavit.models.keyframe_tokenizer import KeyframeTokenizer
+    from videolavit.models.keyframe_unet import KeyframeUNet, KeyframeUNetConfig
+    from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
+    from videolavit.models.video_detokenizer import VideoDetokenizer
+
+    ema = ("quantize.cluster_size", "quantize.num_updates")
+    torch.manual_seed(0)
+    motion_sizes = dict(dim=32, num_heads=2, blocks_per_stage=(1, 1, 1, 1))
+    motion = MotionTokenizer(MotionTokenizerConfig.preset("release", **motion_sizes)).eval()
+    _save_bin(_without(motion.state_dict(), ema), root / "motion_tokenizer.bin")
+
+    keyframe = KeyframeTokenizer(tiny_tokenizer_config()).eval()
+    _save_bin(_without(keyframe.state_dict(), ema), root / "visual_tokenizer" / "tokenizer_encoder.bin")
+    decoder = KeyframeFeatureDecoder(tiny_decoder_config()).eval()
+    _save_bin(decoder.state_dict(), root / "visual_tokenizer" / "highres_tokenizer_decoder.bin")
+
+    image = root / "image_detokenizer"
+    unet_config = KeyframeUNetConfig(in_channels=4, out_channels=4, block_out_channels=(32, 32),
+                                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                     transformer_layers_per_block=(1, 1), num_heads=(2, 2), context_dim=32,
+                                     pooled_dim=20, addition_time_embed_dim=8)
+    image_unet = KeyframeUNet(unet_config).eval()
+    _save_bin(image_unet.net.state_dict(), image / "unet" / "diffusion_pytorch_model.bin")
+    (image / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                             **unet_config.diffusers_config()}))
+    (image / "scheduler").mkdir(parents=True)
+    (image / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_DDIM))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32,) * 4, layers_per_block=1,
+                        latent_channels=4, sample_size=32)
+    vae.save_pretrained(str(image / "vae"), safe_serialization=False)
+
+    video = root / "video_detokenizer"
+    g_v = VideoDetokenizer(gv_config()).eval()
+    _save_bin(g_v.state_dict(), video / "unet" / "video_3d_unet.bin")
+    (video / "unet" / "config.json").write_text(json.dumps(dict(g_v.unet.config)))
+    (video / "scheduler").mkdir(parents=True)
+    (video / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
+        "sigma_max": 700.0, "sigma_min": 0.002, "timestep_type": "continuous", "use_karras_sigmas": True}))
+    AutoencoderKLTemporalDecoder(**TINY_VAE).save_pretrained(str(video / "vae"), safe_serialization=False)
+
+    text_size = 300
+    llms = {}
+    for index, name in enumerate(("language_model", "language_model_sft")):
+        directory = root / name
+        build_tiny_tokenizer(directory, ["a red circle moves left", "a blue square moves up"], vocab_size=text_size)
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, vocab_size=text_size + keyframe.config.num_codes + 1024 + 4,
+                             max_position_embeddings=128, tie_word_embeddings=False)
+        torch.manual_seed(10 + index)
+        llm = LlamaForCausalLM(config).eval()
+        config.save_pretrained(str(directory))
+        _save_bin(llm.state_dict(), directory / "pytorch_model.bin")
+        _save_bin({k: v for k, v in keyframe.state_dict().items() if k.startswith("vit_proj.")},
+                  directory / "visual_weight.bin")
+        llms[name] = llm
+    sizes = {"motion_tokenizer": motion_sizes, "keyframe_tokenizer": dataclasses.asdict(tiny_tokenizer_config()),
+             "keyframe_feature_decoder": dataclasses.asdict(tiny_decoder_config()),
+             "keyframe_detokenizer": {"image_size": 32}, "motion_encoder": {"num_heads": GV_ENCODER["num_heads"],
+                                                                            "num_frames": 24},
+             "video_detokenizer": {"frame_size": [32, 32], "num_frames": 24}}
+    return {"sizes": sizes, "motion": motion, "keyframe": keyframe, "decoder": decoder, "image_unet": image_unet,
+            "video": g_v, "llms": llms}
+

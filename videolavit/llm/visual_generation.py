@@ -63,7 +63,7 @@ class SamplingOptions:
     @classmethod
     def release(cls, motion_length: int, keyframe_max_length: int, **overrides) -> "SamplingOptions":
         """The release's generation (module docstring)."""
-        values = dict(keyframe_min_length=RELEASE_MIN_NEW_TOKENS, unconditional="block",
+        values = dict(keyframe_min_length=min(RELEASE_MIN_NEW_TOKENS, keyframe_max_length), unconditional="block",
                       motion_min_length=RELEASE_MIN_NEW_TOKENS, motion_temperature=0.0)
         return cls(motion_length=motion_length, keyframe_max_length=keyframe_max_length, **{**values, **overrides})
 
