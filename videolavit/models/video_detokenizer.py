@@ -50,6 +50,7 @@ from videolavit.diffusion.guidance import GuidedDenoiser, LinearFrameGuidance, u
 from videolavit.diffusion.samplers import EulerSampler, KarrasSchedule, initial_latents
 from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
 from videolavit.models.export import ExportError, load_export, save_export
+from videolavit.models.latent_space import images_to_unit_range
 from videolavit.models.motion_condition_encoder import MotionConditionEncoder, MotionConditionEncoderConfig
 from videolavit.models.video_unet import VideoUNet, VideoUNetConfig
 
@@ -227,11 +228,11 @@ class VideoDetokenizer(nn.Module):
     @torch.no_grad()
     def keyframe_latent(self, latent_space, keyframe: torch.Tensor, *,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-        """Keyframe images in [-1, 1] [b, 3, H, W] -> the latent ``conditioning`` takes: encoded by the
+        """Keyframe images (uint8, or float in [-1, 1]) [b, 3, H, W] -> the latent ``conditioning`` takes: encoded by the
         (frozen) ``latent_space``, times ``keyframe_latent_scale``; with ``noise_aug_space`` "pixels" the
         augmentation noise is added to the pixels first (the release)."""
         c = self.config
-        pixels = keyframe.float()
+        pixels = images_to_unit_range(keyframe)  # uint8 or [-1, 1]
         if c.noise_aug_strength > 0 and c.noise_aug_space == "pixels":
             noise = torch.randn(pixels.shape, generator=generator, device=pixels.device, dtype=pixels.dtype)
             pixels = pixels + c.noise_aug_strength * noise
