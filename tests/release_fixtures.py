@@ -216,3 +216,32 @@ def fabricate_release(root: Path) -> dict:
     return {"sizes": sizes, "motion": motion, "keyframe": keyframe, "decoder": decoder, "image_unet": image_unet,
             "video": g_v, "llms": llms}
 
+
+
+# ---- g_I ------------------------------------------------------------------------------------------
+
+GI_IMAGE = (64, 128)  # height, width: non-square, as the release's 576x1024 keyframes (8x VAE -> 8x16 latents)
+GI_IDS = [[3, 17, 40, 9, 22, -1]]
+GI_STEPS, GI_GUIDANCE, GI_SEED = 6, 7.0, 9
+
+
+def gi_model(sampler: str, scheduler: dict):
+    """A tiny keyframe detokenizer (4 latent channels, 8x latent down-sampling) with ``fill_`` weights."""
+    from videolavit.models.keyframe_detokenizer import (KeyframeDetokenizer, KeyframeDetokenizerConfig,
+                                                        KeyframeDiffusionConfig)
+    from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
+    from videolavit.models.keyframe_unet import KeyframeUNetConfig
+
+    unet = KeyframeUNetConfig(in_channels=4, out_channels=4, block_out_channels=(32, 32),
+                              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                              transformer_layers_per_block=(1, 1), num_heads=(2, 2), context_dim=32, pooled_dim=20,
+                              addition_time_embed_dim=8)
+    decoder = KeyframeFeatureDecoderConfig(code_dim=8, width=32, depth=1, num_heads=2, mlp_dim=64, num_queries=16,
+                                           max_codes=16, feature_dim=32, unet_context_dims=(12, 20),
+                                           unet_pooled_dim=20)
+    diffusion = KeyframeDiffusionConfig(scaling="eps_discrete", sampler=sampler, scheduler=scheduler,
+                                        guidance_scale=GI_GUIDANCE, num_steps=GI_STEPS)
+    config = KeyframeDetokenizerConfig(unet=unet, decoder=decoder, diffusion=diffusion, num_codes=64, code_dim=8,
+                                       image_size=GI_IMAGE, latent_downsample=8)
+    return fill_(KeyframeDetokenizer(config), seed=31).eval()

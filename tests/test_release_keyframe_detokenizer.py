@@ -43,9 +43,9 @@ def model(sampler: str, scheduler: dict) -> KeyframeDetokenizer:
 def diffusers_loop(detokenizer: KeyframeDetokenizer, scheduler, cond: dict, steps: int, scale: float,
                    generator: torch.Generator) -> torch.Tensor:
     """The release's image_decoding loop: [uncond (zeroed), cond] batch, CFG on ε, scheduler.step."""
-    scheduler.set_timesteps(steps)
     shape = detokenizer.latent_shape(cond["context"].shape[0])
-    latents = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    latents = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma  # before set_timesteps, as there
+    scheduler.set_timesteps(steps)
     pair = {k: torch.cat([torch.zeros_like(v) if k in ("context", "pooled") else v, v]) for k, v in cond.items()}
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
@@ -118,3 +118,17 @@ def test_the_release_bin_unet_weights_load_and_hostile_pickles_are_refused(tmp_p
     torch.save({"conv_in.weight": Payload()}, unet_dir / "diffusion_pytorch_model.bin")
     with pytest.raises(ReleaseCheckpointError, match="weights_only"):
         load_shared_unet_weights(target, tmp_path / "image_detokenizer")
+
+
+@pytest.mark.parametrize("sampler, class_name", [("ddim", "DDIMScheduler"),
+                                                 ("euler_ancestral", "EulerAncestralDiscreteScheduler")])
+def test_release_keyframe_loops_equal_the_release_code(sampler, class_name):
+    """Against the release's own image_decoding (tests/data/README.md): 576x1024-like non-square latents."""
+    from tests import release_fixtures as F
+    from videolavit.models.keyframe_detokenizer import SDXL_DDIM
+
+    model = F.gi_model(sampler, {**SDXL_DDIM, "_class_name": class_name})
+    cond = model.conditioning(torch.tensor(F.GI_IDS))
+    with torch.no_grad():  # the release draws its initial noise, then the ancestral noise, from the global seed
+        latents = model.sample(cond, generator=torch.Generator().manual_seed(F.GI_SEED))
+    assert F.max_relative_difference(latents, F.load_reference()[f"gi_{sampler}_latents"]) < 1e-4

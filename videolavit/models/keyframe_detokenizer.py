@@ -129,13 +129,15 @@ class KeyframeDiffusionConfig:
             if self.scheduler.get("clip_sample") or self.scheduler.get("thresholding"):
                 raise ValueError("diffusion.scheduler: clip_sample / thresholding are not supported")
 
-    def diffusers_scheduler(self, num_steps: int):
-        """The release's scheduler for ``sampler`` "ddim" / "euler_ancestral", with its timesteps set."""
+    def diffusers_scheduler(self, num_steps: int | None):
+        """The release's scheduler for ``sampler`` "ddim" / "euler_ancestral", with its timesteps set (unless
+        ``num_steps`` is None)."""
         from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
         cls = DDIMScheduler if self.sampler == "ddim" else EulerAncestralDiscreteScheduler
         scheduler = cls.from_config(dict(self.scheduler))  # keys of the other class are ignored
-        scheduler.set_timesteps(num_steps)
+        if num_steps is not None:
+            scheduler.set_timesteps(num_steps)
         return scheduler
     @property
     def discrete(self) -> bool:
@@ -393,8 +395,10 @@ class KeyframeDetokenizer(nn.Module):
         sigmas = self.sigmas(num_steps, device) if sigmas is None else torch.as_tensor(sigmas).to(device)
         if x_init is None:
             x = initial_latents(self.latent_shape(b), float(sigmas[0]), generator=generator, device=device)
-            if self.config.diffusion.sampler == "euler_ancestral":  # its scheduler's own initial noise scale
-                init_sigma = float(self.config.diffusion.diffusers_scheduler(len(sigmas) - 1).init_noise_sigma)
+            if self.config.diffusion.sampler == "euler_ancestral":
+                # the release scales its initial noise by init_noise_sigma *before* set_timesteps, i.e. by the
+                # training schedule's √(σ_max² + 1), not the inference schedule's first σ
+                init_sigma = float(self.config.diffusion.diffusers_scheduler(None).init_noise_sigma)
                 x = x * (init_sigma / (float(sigmas[0]) ** 2 + 1.0) ** 0.5)
         else:
             self._check_latents(x_init)
