@@ -216,7 +216,7 @@ class VideoDetokenizerStage(StageModule):
     def _latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Clean clip latents [B, T, C, h, w] and keyframe latents [B, C, h, w] of a batch."""
         with torch.no_grad():
-            return self.encode_frames(batch["frames"]), self.latent_space.encode(batch["keyframe"])
+            return self.encode_frames(batch["frames"]), self.model.keyframe_latent(self.latent_space, batch["keyframe"])
 
     def _loss(self, x0: torch.Tensor, keyframe: torch.Tensor, motion: torch.Tensor,
               generator: torch.Generator | None = None) -> torch.Tensor:
@@ -272,7 +272,8 @@ class VideoDetokenizerStage(StageModule):
         [B, T, 3, H, W], with a fixed seed so repeated calls are comparable."""
         generator = self._generator(self.val_seed if seed is None else seed)
         frames = cond_motion.shape[2]
-        cond = self.model.conditioning(self.latent_space.encode(keyframe), cond_motion, generator=generator)
+        keyframe_latent = self.model.keyframe_latent(self.latent_space, keyframe, generator=generator)
+        cond = self.model.conditioning(keyframe_latent, cond_motion, generator=generator)
         latents = self.model.sample(cond, frames, num_steps=self.sample_steps, guidance=self.sample_guidance,
                                     generator=generator)
         pixels = self.latent_space.decode(latents.flatten(0, 1), num_frames=frames)

@@ -134,3 +134,10 @@ def test_generate_command_writes_playable_mp4s(exports, tmp_path, capsys):
         assert record["clips"][0]["motion_direction"] in ("left", "right", "up", "down")
     assert generate_command.run(_args(exports=tmp_path / "missing", prompt="x", out=out)) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_keyframe_sampler_choice_is_checked_against_the_keyframe_detokenizer(exports):
+    with pytest.raises(ExportError, match="keyframe_sampler 'ddim'.*discrete scaling"):
+        TextToVideo.from_directory(exports, keyframe_sampler="ddim", **fast())
+    pipeline = TextToVideo.from_directory(exports, keyframe_sampler="euler", **fast())
+    assert pipeline.keyframe_detokenizer.config.diffusion.sampler == "euler"

@@ -9,6 +9,7 @@ COMMANDS: dict[str, str] = {
     "demo": "videolavit.commands.demo",
     "evaluate": "videolavit.commands.evaluate",
     "generate": "videolavit.commands.generate",
+    "import-release": "videolavit.commands.import_release",
     "plan": "videolavit.commands.plan",
     "prepare": "videolavit.commands.prepare",
     "synth": "videolavit.commands.synth",

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--video-steps", type=int, default=25, help="g_V Euler steps (release 25)")
     parser.add_argument("--keyframe-steps", type=int, default=None, help="g_I steps (default: its config)")
+    parser.add_argument("--keyframe-sampler", choices=["euler", "ddim", "euler_ancestral"], default=None,
+                        help="g_I sampler (default: its config; the release's DDIM / ancestral Euler need a "
+                             "discrete-time g_I, e.g. an imported one)")
     parser.add_argument("--keyframe-guidance", type=float, default=4.0, help="LLM CFG scale for keyframe codes")
     parser.add_argument("--motion-guidance", type=float, default=7.0, help="LLM CFG scale for motion codes")
     parser.add_argument("--temperature", type=float, default=1.0, help="LLM sampling temperature (0: greedy)")
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             args.exports, llm=args.llm, device=args.device, video_steps=args.video_steps,
             keyframe_steps=args.keyframe_steps, keyframe_guidance=args.keyframe_guidance,
             motion_guidance=args.motion_guidance, temperature=args.temperature,
-            keyframe_temperature=args.keyframe_temperature,
+            keyframe_temperature=args.keyframe_temperature, keyframe_sampler=args.keyframe_sampler,
             long_video_start=args.long_video_start)
         if image is not None and pipeline.keyframe_tokenizer is None:
             raise UsageError(f"--image needs the keyframe_tokenizer export in --exports {args.exports} "

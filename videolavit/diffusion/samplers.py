@@ -127,3 +127,24 @@ class HeunSampler(EDMSampler):
             return x_euler
         d_next = _slope(denoise, x_euler, sigma_next)
         return x + (sigma_next - sigma) * 0.5 * (d + d_next)
+
+
+class EulerAncestralSampler(EDMSampler):
+    """Ancestral Euler (the release's ``EulerAncestralDiscreteScheduler``, η = 1): each step goes down to
+    σ_down by an Euler step, then adds fresh noise of std σ_up, σ_down² + σ_up² = σ_next² and
+    σ_up = σ_next·√(1 − σ_next²/σ²). One denoiser call and one noise draw (from ``generator``) per step."""
+
+    def step(self, denoise: DenoiseFn, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+        raise NotImplementedError("ancestral steps draw noise: call the sampler with its generator")
+
+    def __call__(self, denoise: DenoiseFn, x: torch.Tensor, *, sigmas: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        sigmas = self.sigmas(x.device) if sigmas is None else sigmas
+        sigmas = [float(s) for s in sigmas]
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+            sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+            x = x + (sigma_down - sigma) * _slope(denoise, x, sigma)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + noise * sigma_up
+        return x

@@ -17,6 +17,7 @@ Exports directory layout (what the stages' ``export_dir`` write; ``from_director
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -30,9 +31,10 @@ from videolavit.llm.text_tokenizer import load_text_tokenizer
 from videolavit.llm.video_codes import KEYFRAME_EXPORT, VideoCoder
 from videolavit.llm.visual_generation import GeneratedClip, SamplingOptions, generate_clips
 from videolavit.models.export import ExportError, load_export
-from videolavit.models.keyframe_detokenizer import load_keyframe_detokenizer
+from videolavit.models.keyframe_detokenizer import SDXL_DDIM, load_keyframe_detokenizer
 from videolavit.models.latent_space import build_latent_space, images_to_uint8, images_to_unit_range
 from videolavit.models.motion_tokenizer import MotionTokenizer
+from videolavit.release.layout import read_behaviour
 from videolavit.models.video_detokenizer import load_video_detokenizer, read_video_detokenizer_spec
 
 # The release generates with its pre-trained LLM; instruction tuning on conversations alone (ours too) erodes
@@ -52,10 +54,26 @@ class GenerationOptions:
     top_k: int | None = None
     keyframe_steps: int | None = None  # g_I steps (None: its config's)
     keyframe_image_guidance: float | None = None  # g_I CFG scale (None: its config's)
+    keyframe_sampler: str | None = None  # g_I sampler: "euler" | "ddim" | "euler_ancestral" (None: its config's;
+    #                                      the release's two need a discrete-time g_I, e.g. an imported one)
     video_steps: int = 25
     video_guidance: tuple[float, float] = (1.0, 4.0)
     long_video_start: Literal["noise", "invert"] = "noise"
+    llm_behaviour: str | None = None  # "release" | "ours" (None: "release" for an LLM directory the import
+    #                                   wrote, see videolavit.release.layout.BEHAVIOUR_FILE; else "ours")
     long_video_fraction: float = 0.85
+
+
+def with_keyframe_sampler(detokenizer, sampler: str):
+    """``detokenizer`` set to sample with ``sampler``; the release's samplers take the scheduler config the
+    detokenizer records (an imported one), else SDXL's DDIM config."""
+    diffusion = detokenizer.config.diffusion
+    try:
+        detokenizer.config.diffusion = dataclasses.replace(
+            diffusion, sampler=sampler, scheduler=diffusion.scheduler or (None if sampler == "euler" else SDXL_DDIM))
+    except ValueError as exc:
+        raise ExportError(f"keyframe_sampler {sampler!r} does not fit the keyframe detokenizer: {exc}") from None
+    return detokenizer
 
 
 def _find_export(root: Path, name: str) -> Path:
@@ -80,11 +98,15 @@ class TextToVideo:
         self.motion_tokenizer = motion_tokenizer.to(self.device).eval()
         # image-to-video tokenises the given image with the coder that wrote the training token shards
         self.video_coder = video_coder if video_coder is not None and video_coder.has_keyframes else None
+        self.options = options or GenerationOptions()
+        if self.options.llm_behaviour not in (None, "release", "ours"):
+            raise ValueError(f"llm_behaviour must be 'release' or 'ours', got {self.options.llm_behaviour!r}")
+        if self.options.keyframe_sampler is not None:
+            keyframe_detokenizer = with_keyframe_sampler(keyframe_detokenizer, self.options.keyframe_sampler)
         self.keyframe_detokenizer = keyframe_detokenizer.to(self.device).eval()
         self.keyframe_space = build_latent_space(keyframe_detokenizer.latent_space_spec).to(self.device)
         self.video_detokenizer, self.video_spec = video_detokenizer.to(self.device).eval(), video_spec
         self.video_space = build_latent_space(video_spec.latent_space).to(self.device)
-        self.options = options or GenerationOptions()
         self._check_fit()
 
     @classmethod
@@ -102,6 +124,8 @@ class TextToVideo:
                 raise ExportError(f"no LLM export in {root} ({' or '.join(LLM_DIRECTORIES)}/); pass llm=DIR")
             llm = found[0]
         vocabulary = read_llm_vocabulary(llm)
+        if options.get("llm_behaviour") is None:
+            options["llm_behaviour"] = read_behaviour(llm).get("llm_generation", "ours")
         motion_tokenizer = load_export(root, "motion_tokenizer", expected=MotionTokenizer)  # small: before the LLM
         has_keyframe_tokenizer = (root / f"{KEYFRAME_EXPORT}.json").is_file()  # only image-to-video needs it
         coder = VideoCoder(vocabulary, root, root if has_keyframe_tokenizer else None,
@@ -132,11 +156,13 @@ class TextToVideo:
     # ---- LLM ---------------------------------------------------------------------------------------
     def _sampling(self) -> SamplingOptions:
         o = self.options
-        return SamplingOptions(motion_length=self.motion_tokenizer.num_tokens,
-                               keyframe_max_length=self.keyframe_detokenizer.config.decoder.max_codes,
-                               keyframe_guidance=o.keyframe_guidance, motion_guidance=o.motion_guidance,
-                               temperature=o.temperature,
-                               keyframe_temperature=o.keyframe_temperature, top_k=o.top_k)
+        common = dict(motion_length=self.motion_tokenizer.num_tokens,
+                      keyframe_max_length=self.keyframe_detokenizer.config.decoder.max_codes,
+                      keyframe_guidance=o.keyframe_guidance, motion_guidance=o.motion_guidance,
+                      temperature=o.temperature, keyframe_temperature=o.keyframe_temperature, top_k=o.top_k)
+        if o.llm_behaviour == "release":
+            return SamplingOptions.release(**common)
+        return SamplingOptions(**common)
 
     def image_codes(self, image: torch.Tensor) -> list[int]:
         """Keyframe codes of an image (uint8 [3, H, W]) from the keyframe tokenizer."""
@@ -149,7 +175,8 @@ class TextToVideo:
     def clip_tokens(self, prompt: str, num_clips: int = 1, image: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> list[GeneratedClip]:
         text = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = [self.tokenizer.bos_token_id, *text]
+        # the release's prompt is the text alone (then [IMG]); ours starts with BOS, as the LLM trains
+        ids = list(text) if self.options.llm_behaviour == "release" else [self.tokenizer.bos_token_id, *text]
         if image is not None:
             ids += image_token_ids(self.image_codes(image), self.vocabulary) + [self.vocabulary.motion_start_id]
         return generate_clips(self.llm, self.vocabulary, ids, num_clips, self._sampling(), generator=generator)
@@ -162,8 +189,7 @@ class TextToVideo:
         cond = kdet.conditioning(torch.tensor([codes], device=self.device))
         x_init = sigmas = None
         if previous_frame is not None:
-            size = kdet.config.image_size
-            latent = self.keyframe_space.encode(_resize(previous_frame, (size, size)))
+            latent = self.keyframe_space.encode(_resize(previous_frame, kdet.config.image_hw))
             start = next_keyframe_start(latent, kdet.sigmas(o.keyframe_steps, self.device),
                                         strategy=o.long_video_start, fraction=o.long_video_fraction,
                                         denoise=kdet.denoise_fn(cond, o.keyframe_image_guidance), generator=generator)
@@ -180,11 +206,12 @@ class TextToVideo:
         """g_V: keyframe in [-1, 1] [1, 3, H, W] + motion codes -> frames in [-1, 1] [T, 3, H, W]."""
         spec, o = self.video_spec, self.options
         motion = self.motion_field(motion_codes)[None]
-        latent = self.video_space.encode(_resize(keyframe, spec.frame_size))
-        cond = self.video_detokenizer.conditioning(latent, motion, generator=generator)
-        latents = self.video_detokenizer.sample(cond, spec.num_frames, num_steps=o.video_steps,
-                                                guidance=tuple(o.video_guidance), generator=generator)
-        return self.video_space.decode(latents.flatten(0, 1), num_frames=spec.num_frames)
+        detokenizer = self.video_detokenizer
+        latent = detokenizer.keyframe_latent(self.video_space, _resize(keyframe, spec.frame_size), generator=generator)
+        cond = detokenizer.conditioning(latent, motion, generator=generator)
+        latents = detokenizer.sample(cond, spec.num_frames, num_steps=o.video_steps,
+                                     guidance=tuple(o.video_guidance), generator=generator)
+        return detokenizer.decode(self.video_space, latents)
 
     # ---- public API --------------------------------------------------------------------------------
     def generate(self, prompt: str, num_clips: int = 1, image: torch.Tensor | None = None,

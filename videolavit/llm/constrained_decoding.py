@@ -4,8 +4,10 @@ The release generates a clip in two ``generate`` calls: keyframe codes after ``[
 ``[/IMG]`` (text and motion ids suppressed), then motion codes after ``[MOV]`` until ``[/MOV]``
 (everything below ``[MOV]`` suppressed), and afterwards truncates or pads (with code 0) the motion
 codes to the fixed 135 the video detokenizer needs. ``VisualBlockConstraint`` does the same in one
-pass and makes the motion length exact by construction: inside ``[MOV]`` only motion codes are
-allowed until ``motion_length`` of them are out, then ``[/MOV]`` is forced.
+pass and (ours) makes the motion length exact by construction: inside ``[MOV]`` only motion codes are
+allowed until ``motion_length`` of them are out, then ``[/MOV]`` is forced. With ``motion_min_length``
+set it is the release's instead: ``[/MOV]`` may come once that many codes are out (its
+``min_new_tokens``), and is forced at ``motion_max_length``; the caller pads or truncates.
 
 Processors are plain callables ``(input_ids [B, T] long, scores [B, V] float) -> scores`` on torch
 tensors, so they work in a hand-written sampling loop and inside ``transformers``'
@@ -24,6 +26,8 @@ MOTION_LENGTH = 135            # motion codes per clip in the release (``motion_
 KEYFRAME_MAX_LENGTH = 256      # LaVIT keeps at most all 16x16 patches of a 224 image
 KEYFRAME_GUIDANCE_SCALE = 4.0  # release CFG scale while generating keyframe codes
 MOTION_GUIDANCE_SCALE = 7.0    # release CFG scale while generating motion codes
+RELEASE_MIN_NEW_TOKENS = 20    # the release's min_new_tokens of both blocks: no end marker before 20 codes
+RELEASE_MAX_NEW_TOKENS = 500   # and its max_new_tokens (``max_length`` of generate_video)
 
 
 def classifier_free_guidance(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float,
@@ -56,9 +60,13 @@ class VisualBlockConstraint:
     """
 
     def __init__(self, vocab: Vocabulary, motion_length: int = MOTION_LENGTH, keyframe_min_length: int = 1,
-                 keyframe_max_length: int | None = KEYFRAME_MAX_LENGTH, motion_after_keyframe: bool = True) -> None:
+                 keyframe_max_length: int | None = KEYFRAME_MAX_LENGTH, motion_after_keyframe: bool = True,
+                 motion_min_length: int | None = None, motion_max_length: int = RELEASE_MAX_NEW_TOKENS) -> None:
         if motion_length < 1 or keyframe_min_length < 1:
             raise ValueError("motion_length and keyframe_min_length must be at least 1")
+        if motion_min_length is not None and not 1 <= motion_min_length <= motion_max_length:
+            raise ValueError("motion_min_length must be in [1, motion_max_length]")
+        self.motion_min_length, self.motion_max_length = motion_min_length, motion_max_length
         if keyframe_max_length is not None and keyframe_max_length < keyframe_min_length:
             raise ValueError("keyframe_max_length is below keyframe_min_length")
         self.vocab = vocab
@@ -70,13 +78,14 @@ class VisualBlockConstraint:
         self._cached_table: torch.Tensor | None = None
 
     # Row states; ``allowed`` looks each row's state up in a [states, V] table (few ops per step).
-    FREE, KEYFRAME_CODES, KEYFRAME_CODES_OR_CLOSE, KEYFRAME_CLOSE, OPEN_MOTION, MOTION_CODES, MOTION_CLOSE = range(7)
+    (FREE, KEYFRAME_CODES, KEYFRAME_CODES_OR_CLOSE, KEYFRAME_CLOSE, OPEN_MOTION, MOTION_CODES, MOTION_CLOSE,
+     MOTION_CODES_OR_CLOSE) = range(8)
 
     def _table(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         key = (vocab_size, str(device))
         if self._cached_key != key:
             v = self.vocab
-            table = torch.zeros(7, vocab_size, dtype=torch.bool, device=device)
+            table = torch.zeros(8, vocab_size, dtype=torch.bool, device=device)
             table[self.FREE] = True
             table[self.KEYFRAME_CODES, v.visual_range.start:v.visual_range.stop] = True
             table[self.KEYFRAME_CODES_OR_CLOSE] = table[self.KEYFRAME_CODES]
@@ -85,6 +94,8 @@ class VisualBlockConstraint:
             table[self.OPEN_MOTION, v.motion_start_id] = True
             table[self.MOTION_CODES, v.motion_range.start:v.motion_range.stop] = True
             table[self.MOTION_CLOSE, v.motion_end_id] = True
+            table[self.MOTION_CODES_OR_CLOSE] = table[self.MOTION_CODES]
+            table[self.MOTION_CODES_OR_CLOSE, v.motion_end_id] = True
             self._cached_key, self._cached_table = key, table
         return self._cached_table
 
@@ -104,7 +115,11 @@ class VisualBlockConstraint:
         after_keyframe = free
         if self.motion_after_keyframe:
             after_keyframe = torch.where(since == 0, self.OPEN_MOTION, self.FREE)
-        motion = torch.where(since >= self.motion_length, self.MOTION_CLOSE, self.MOTION_CODES)
+        if self.motion_min_length is None:  # ours: exactly motion_length codes
+            motion = torch.where(since >= self.motion_length, self.MOTION_CLOSE, self.MOTION_CODES)
+        else:  # the release: [/MOV] from motion_min_length codes on, forced at motion_max_length
+            motion = torch.where(since >= self.motion_min_length, self.MOTION_CODES_OR_CLOSE, self.MOTION_CODES)
+            motion = torch.where(since >= self.motion_max_length, self.MOTION_CLOSE, motion)
         state = torch.where(latest == 0, keyframe, free)        # [IMG] ...
         state = torch.where(latest == 1, after_keyframe, state)  # [/IMG] ...
         state = torch.where(latest == 2, motion, state)          # [MOV] ...

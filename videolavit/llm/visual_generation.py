@@ -10,6 +10,13 @@ history in that branch so that the second and later blocks of a clip stay cohere
 
 Markers between blocks (``[/IMG]`` → ``[MOV]``, and ``[IMG]`` opening the next clip) are forced, never
 sampled. Both branches keep a KV cache, so each generated token costs two single-token forwards.
+
+``SamplingOptions.release()`` is the release's behaviour, for its weights: the unconditional branch
+restarts at each block's opening marker (``[IMG]`` alone, then ``[MOV]`` alone, as its two ``generate``
+calls do), keyframe blocks have at least 20 codes, the motion block is greedy, may end at ``[/MOV]``
+after 20 codes (at most 500), and is then padded with code 0 or truncated to ``motion_length``; the
+prompt is the text ids without BOS (the caller's, see ``TextToVideo``). The release's suppression lists
+also leave ids 0-2 (unk, bos, eos) open inside blocks and drops them afterwards; ours never emits them.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from videolavit.llm.constrained_decoding import (KEYFRAME_GUIDANCE_SCALE, MOTION_GUIDANCE_SCALE,
+                                                 RELEASE_MAX_NEW_TOKENS, RELEASE_MIN_NEW_TOKENS,
                                                  VisualBlockConstraint, classifier_free_guidance)
 from videolavit.llm.vocabulary import Vocabulary
 
@@ -42,6 +50,22 @@ class SamplingOptions:
     # selection makes that point uncertain: greedily it rarely wins, and keyframes run to the length cap.
     keyframe_temperature: float | None = None
     top_k: int | None = None
+    unconditional: str = "history"  # CFG branch: "history" (ours: visual tokens so far) | "block" (release)
+    motion_min_length: int | None = None  # None (ours): exactly motion_length codes; else the release's
+    #                                       free-length block, padded / truncated to motion_length
+    motion_max_length: int = RELEASE_MAX_NEW_TOKENS
+    motion_temperature: float | None = None  # None: ``temperature`` (release: 0, greedy)
+
+    def __post_init__(self):
+        if self.unconditional not in ("history", "block"):
+            raise ValueError(f"unconditional must be 'history' or 'block', got {self.unconditional!r}")
+
+    @classmethod
+    def release(cls, motion_length: int, keyframe_max_length: int, **overrides) -> "SamplingOptions":
+        """The release's generation (module docstring)."""
+        values = dict(keyframe_min_length=min(RELEASE_MIN_NEW_TOKENS, keyframe_max_length), unconditional="block",
+                      motion_min_length=RELEASE_MIN_NEW_TOKENS, motion_temperature=0.0)
+        return cls(motion_length=motion_length, keyframe_max_length=keyframe_max_length, **{**values, **overrides})
 
 
 class _Branch:
@@ -87,12 +111,19 @@ def generate_clips(llm, vocab: Vocabulary, prompt_ids: list[int], num_clips: int
     device = next(llm.parameters()).device
     constraint = VisualBlockConstraint(vocab, motion_length=options.motion_length,
                                        keyframe_min_length=options.keyframe_min_length,
-                                       keyframe_max_length=options.keyframe_max_length)
+                                       keyframe_max_length=options.keyframe_max_length,
+                                       motion_min_length=options.motion_min_length,
+                                       motion_max_length=options.motion_max_length)
+    block_branch = options.unconditional == "block"
     ids = list(prompt_ids)
     if not ids or constraint.states(torch.tensor([ids]))[0] == constraint.FREE:
         ids.append(vocab.image_start_id)  # open the first clip
     visual_start = next(i for i, t in enumerate(ids) if t not in vocab.text_range)
-    uncond_ids = list(unconditional_prefix if unconditional_prefix is not None else ids[:1]) + ids[visual_start:]
+    if block_branch:  # the release: the open block's marker alone, and the codes written in it since
+        opened = max(i for i, t in enumerate(ids) if t in (vocab.image_start_id, vocab.motion_start_id))
+        uncond_ids = ids[opened:]
+    else:
+        uncond_ids = list(unconditional_prefix if unconditional_prefix is not None else ids[:1]) + ids[visual_start:]
     guided = options.keyframe_guidance != 1.0 or options.motion_guidance != 1.0
     cond = _Branch(llm, ids, device)
     uncond = _Branch(llm, uncond_ids, device) if guided else None
@@ -102,6 +133,8 @@ def generate_clips(llm, vocab: Vocabulary, prompt_ids: list[int], num_clips: int
         state = int(constraint.states(torch.tensor([ids]))[0])
         allowed = constraint.allowed(torch.tensor([ids]), cond.logits.numel())[0].to(device)
         if state == constraint.FREE:  # after [/MOV]: a clip is complete
+            if options.motion_min_length is not None:  # the release pads with code 0 or truncates
+                current.motion = (current.motion + [0] * options.motion_length)[:options.motion_length]
             clips.append(current)
             if len(clips) == num_clips:
                 return clips
@@ -109,11 +142,13 @@ def generate_clips(llm, vocab: Vocabulary, prompt_ids: list[int], num_clips: int
         elif int(allowed.sum()) == 1:  # a forced marker
             token = int(allowed.nonzero()[0])
         else:
-            in_motion = state in (constraint.MOTION_CODES, constraint.MOTION_CLOSE)
+            in_motion = state in (constraint.MOTION_CODES, constraint.MOTION_CLOSE, constraint.MOTION_CODES_OR_CLOSE)
             scale = options.motion_guidance if in_motion else options.keyframe_guidance
             temperature = options.temperature
             if not in_motion and options.keyframe_temperature is not None:
                 temperature = options.keyframe_temperature
+            if in_motion and options.motion_temperature is not None:
+                temperature = options.motion_temperature
             scores = cond.logits
             if uncond is not None and scale != 1.0:
                 scores = classifier_free_guidance(cond.logits, uncond.logits, scale)
@@ -124,5 +159,7 @@ def generate_clips(llm, vocab: Vocabulary, prompt_ids: list[int], num_clips: int
                 current.motion.append(token - vocab.motion_offset)
         ids.append(token)
         cond.feed([token])
-        if uncond is not None:
+        if uncond is not None and block_branch and token in (vocab.image_start_id, vocab.motion_start_id):
+            uncond = _Branch(llm, [token], device)  # a new block: the release's next generate call
+        elif uncond is not None:
             uncond.feed([token])

@@ -20,8 +20,12 @@ matched to it (``DiffusionLoss``), so both are chosen together by :class:`Keyfra
 * ``edm``: EDM's own preconditioning (``sigma_data``) with log-normal training noise (from-scratch and tiny runs);
 * ``v_edm``: v-prediction with EDM's log-σ noise conditioning (SVD's).
 
-Sampling is the deterministic Euler sampler on a Karras σ schedule (σ-space DDIM), with classifier-free guidance
-against the release's unconditional branch: context and pooled vector zeroed, size ids kept. Training drops the
+Sampling (``KeyframeDiffusionConfig.sampler``): ``"euler"`` (ours) is the deterministic Euler sampler on a Karras
+σ schedule (σ-space DDIM); ``"ddim"`` and ``"euler_ancestral"`` are the release's two choices (the class in its
+``image_detokenizer/scheduler/scheduler_config.json``, recorded in ``scheduler``): DDIM (η = 0) or ancestral Euler
+on the timesteps diffusers' scheduler picks from that config, run in σ-space with the same result. All use
+classifier-free guidance against the release's unconditional branch: context and pooled vector zeroed, size ids
+kept. Images may be non-square (``image_size`` [height, width], e.g. the release's 576×1024). Training drops the
 condition to that same zero branch with probability ``condition_dropout`` so guidance has something to push
 against.
 
@@ -51,7 +55,8 @@ from videolavit.diffusion.denoiser_scaling import (
 )
 from videolavit.diffusion.edm import DiffusionLoss
 from videolavit.diffusion.guidance import ConstantGuidance, GuidedDenoiser, unconditional
-from videolavit.diffusion.samplers import EulerSampler, KarrasSchedule, initial_latents
+from videolavit.diffusion.ddim import ddim_sample
+from videolavit.diffusion.samplers import EulerAncestralSampler, EulerSampler, KarrasSchedule, initial_latents
 from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
 from videolavit.models.export import ExportError, check_export_class, read_export, save_export
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoder, KeyframeFeatureDecoderConfig
@@ -62,6 +67,13 @@ EXPORT_NAME = "keyframe_detokenizer"
 CONDITION_HEADS = ("unet_proj_1.", "unet_proj_2.", "unet_attnpool.")  # of the feature decoder: trained here
 UNCONDITIONAL_KEYS = ("context", "pooled")  # zeroed for the unconditional branch (release); time_ids kept
 SCALINGS = ("eps_discrete", "v_discrete", "edm", "v_edm")
+SAMPLERS = ("euler", "ddim", "euler_ancestral")
+# diffusers scheduler classes of the release's image_detokenizer/scheduler -> our sampler
+RELEASE_SCHEDULERS = {"DDIMScheduler": "ddim", "EulerAncestralDiscreteScheduler": "euler_ancestral"}
+# SDXL's DDIM scheduler config (what the release's image_detokenizer/scheduler holds for DDIM)
+SDXL_DDIM = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "epsilon",
+             "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -91,6 +103,8 @@ class KeyframeDiffusionConfig:
     rho: float = 7.0
     num_steps: int = 25
     guidance_scale: float = 3.0
+    sampler: str = "euler"  # one of SAMPLERS (module docstring); "ddim" / "euler_ancestral" need ``scheduler``
+    scheduler: dict | None = None  # diffusers scheduler config of the release ("ddim", "euler_ancestral")
     # Probability that a training sample gets the unconditional (zeroed) condition: what makes guidance work.
     condition_dropout: float = 0.1
 
@@ -103,7 +117,28 @@ class KeyframeDiffusionConfig:
             raise ValueError(f"diffusion.train_sigmas 'discrete' needs a discrete scaling, not {self.scaling!r}")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"diffusion.condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"diffusion.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler != "euler":
+            if self.scaling not in ("eps_discrete", "v_discrete"):
+                raise ValueError(f"diffusion.sampler {self.sampler!r} runs on the DDPM timesteps: it needs a "
+                                 f"discrete scaling, not {self.scaling!r}")
+            if not self.scheduler:
+                raise ValueError(f"diffusion.sampler {self.sampler!r} needs diffusion.scheduler (the diffusers "
+                                 "scheduler config it takes its timesteps from)")
+            if self.scheduler.get("clip_sample") or self.scheduler.get("thresholding"):
+                raise ValueError("diffusion.scheduler: clip_sample / thresholding are not supported")
 
+    def diffusers_scheduler(self, num_steps: int | None):
+        """The release's scheduler for ``sampler`` "ddim" / "euler_ancestral", with its timesteps set (unless
+        ``num_steps`` is None)."""
+        from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+
+        cls = DDIMScheduler if self.sampler == "ddim" else EulerAncestralDiscreteScheduler
+        scheduler = cls.from_config(dict(self.scheduler))  # keys of the other class are ignored
+        if num_steps is not None:
+            scheduler.set_timesteps(num_steps)
+        return scheduler
     @property
     def discrete(self) -> bool:
         return self.scaling.endswith("_discrete")
@@ -163,7 +198,7 @@ class KeyframeDetokenizerConfig:
     diffusion: KeyframeDiffusionConfig = field(default_factory=KeyframeDiffusionConfig)
     num_codes: int = 16384  # the keyframe tokenizer's codebook
     code_dim: int = 32
-    image_size: int = 1024  # pixels (square) the U-Net generates
+    image_size: int | tuple[int, int] = 1024  # pixels the U-Net generates: a side (square) or (height, width)
     latent_downsample: int = 8  # of the latent space (SDXL VAE: 8; pixel space: 1)
 
     def __post_init__(self) -> None:
@@ -173,6 +208,10 @@ class KeyframeDetokenizerConfig:
             self.decoder = KeyframeFeatureDecoderConfig(**self.decoder)
         if isinstance(self.diffusion, dict):
             self.diffusion = KeyframeDiffusionConfig(**self.diffusion)
+        if isinstance(self.image_size, (list, tuple)):
+            if len(self.image_size) != 2:
+                raise ValueError(f"image_size must be a side or (height, width), got {self.image_size}")
+            self.image_size = tuple(int(v) for v in self.image_size)
         problems = []
         if self.unet.context_dim != self.decoder.unet_context_dim:
             problems.append(f"unet.context_dim {self.unet.context_dim} != the feature decoder's context width "
@@ -184,18 +223,31 @@ class KeyframeDetokenizerConfig:
             problems.append(f"decoder.code_dim {self.decoder.code_dim} != codebook code_dim {self.code_dim}")
         if self.unet.in_channels != self.unet.out_channels:
             problems.append(f"unet.in_channels {self.unet.in_channels} != out_channels {self.unet.out_channels}")
-        if self.image_size % self.latent_downsample:
+        if any(side % self.latent_downsample for side in self.image_hw):
             problems.append(f"image_size {self.image_size} is not divisible by the latent down-sampling "
                             f"{self.latent_downsample}")
-        elif self.latent_size % self.unet.downsample:
-            problems.append(f"latent size {self.latent_size} (image_size {self.image_size} / {self.latent_downsample}) "
+        elif any(side % self.unet.downsample for side in self.latent_hw):
+            problems.append(f"latent size {self.latent_hw} (image_size {self.image_size} / {self.latent_downsample}) "
                             f"is not divisible by the U-Net's down-sampling {self.unet.downsample}")
         if problems:
             raise ValueError("keyframe detokenizer configuration does not fit together: " + "; ".join(problems))
 
     @property
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return tuple(self.image_size) if isinstance(self.image_size, tuple) else (self.image_size, self.image_size)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return tuple(side // self.latent_downsample for side in self.image_hw)
+
+    @property
     def latent_size(self) -> int:
-        return self.image_size // self.latent_downsample
+        """The latent side of a square image."""
+        height, width = self.latent_hw
+        if height != width:
+            raise ValueError(f"image_size {self.image_size} is not square: use latent_hw")
+        return height
 
     @property
     def latent_channels(self) -> int:
@@ -259,8 +311,8 @@ class KeyframeDetokenizer(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._trunk_trains()):
             features = self.feature_decoder(codes, mask)  # [B, N, feature_dim]
         context, pooled = self.feature_decoder.unet_condition(features)
-        size = self.config.image_size
-        return {"context": context, "pooled": pooled, "time_ids": time_ids(ids.shape[0], size, size, ids.device)}
+        height, width = self.config.image_hw
+        return {"context": context, "pooled": pooled, "time_ids": time_ids(ids.shape[0], height, width, ids.device)}
 
     @staticmethod
     def unconditional(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -306,13 +358,27 @@ class KeyframeDetokenizer(nn.Module):
         return DiffusionLoss(self.sigma_sampler)(self.edm, x0, cond, generator=generator)
 
     def sigmas(self, num_steps: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-        """The sampling schedule [num_steps + 1], descending to 0."""
-        steps = self.config.diffusion.num_steps if num_steps is None else int(num_steps)
-        return self.config.diffusion.schedule()(steps, device)
+        """The sampling schedule [num_steps + 1], descending: to 0 (``euler``), or for the release's samplers
+        σ of the scheduler's timesteps, then DDIM's final level (0 with ``set_alpha_to_one``, else σ of
+        ᾱ_0) or 0 (ancestral Euler)."""
+        d = self.config.diffusion
+        steps = d.num_steps if num_steps is None else int(num_steps)
+        if d.sampler == "euler":
+            return d.schedule()(steps, device)
+        scheduler = d.diffusers_scheduler(steps)
+        if d.sampler == "euler_ancestral":  # its σ at its timesteps (interpolated where they are not integers)
+            return scheduler.sigmas.float().to(device)
+        alphas = scheduler.alphas_cumprod.double()
+        train_sigmas = ((1 - alphas) / alphas).sqrt()
+        sigmas = train_sigmas[scheduler.timesteps.long().cpu()]
+        final = 0.0
+        if d.sampler == "ddim" and not d.scheduler.get("set_alpha_to_one", True):
+            final = float(train_sigmas[0])
+        return torch.cat([sigmas, sigmas.new_full((1,), final)]).float().to(device)
 
     def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
-        size = self.config.latent_size
-        return (batch_size, self.config.latent_channels, size, size)
+        height, width = self.config.latent_hw
+        return (batch_size, self.config.latent_channels, height, width)
 
     @torch.no_grad()
     def sample(self, cond: dict[str, torch.Tensor], *, num_steps: int | None = None,
@@ -329,13 +395,24 @@ class KeyframeDetokenizer(nn.Module):
         sigmas = self.sigmas(num_steps, device) if sigmas is None else torch.as_tensor(sigmas).to(device)
         if x_init is None:
             x = initial_latents(self.latent_shape(b), float(sigmas[0]), generator=generator, device=device)
+            if self.config.diffusion.sampler == "euler_ancestral":
+                # the release scales its initial noise by init_noise_sigma *before* set_timesteps, i.e. by the
+                # training schedule's √(σ_max² + 1), not the inference schedule's first σ
+                init_sigma = float(self.config.diffusion.diffusers_scheduler(None).init_noise_sigma)
+                x = x * (init_sigma / (float(sigmas[0]) ** 2 + 1.0) ** 0.5)
         else:
             self._check_latents(x_init)
             if x_init.shape[0] != b:
                 raise ValueError(f"x_init has {x_init.shape[0]} samples, the condition {b}")
             x = x_init.float()
-        sampler = EulerSampler(num_steps=len(sigmas) - 1, schedule=self.config.diffusion.schedule())
-        return sampler(self.denoise_fn(cond, guidance_scale), x, sigmas=sigmas, generator=generator)
+        denoise = self.denoise_fn(cond, guidance_scale)
+        kind = self.config.diffusion.sampler
+        if kind == "ddim":  # σ-space DDIM; a last level above 0 is DDIM's ᾱ_0 step: back to the VP latent there
+            out = ddim_sample(x, denoise, sigmas)
+            return out / (1.0 + float(sigmas[-1]) ** 2) ** 0.5
+        cls = EulerAncestralSampler if kind == "euler_ancestral" else EulerSampler
+        sampler = cls(num_steps=len(sigmas) - 1, schedule=self.config.diffusion.schedule())
+        return sampler(denoise, x, sigmas=sigmas, generator=generator)
 
     def _check_latents(self, x: torch.Tensor) -> None:
         expected = self.latent_shape(x.shape[0])

@@ -25,11 +25,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from videolavit.metrics.weights import MissingWeightsError, require_directory
+from videolavit.release.checkpoint import load_bin_state_dict
 
 NUM_TIME_IDS = 6  # original (h, w), crop (top, left), target (h, w): SDXL's micro-conditioning
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")  # .bin: the release's
 INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.fp16.json",
-               "diffusion_pytorch_model.fp16.safetensors.index.json")
+               "diffusion_pytorch_model.fp16.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -136,7 +138,14 @@ def _unet_weight_files(directory: Path) -> list[Path]:
             return [directory / shard for shard in shards]
     raise MissingWeightsError(
         f"no U-Net weights in '{directory}': expected one of {list(WEIGHT_FILES)} or a sharded index "
-        f"{list(INDEX_FILES)} (a diffusers save_pretrained `unet/` directory, safetensors)")
+        f"{list(INDEX_FILES)} (a diffusers save_pretrained `unet/` directory)")
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or of a `.bin` torch file read with ``weights_only`` (tensors only)."""
+    if path.suffix == ".bin":
+        return load_bin_state_dict(path)
+    return load_file(str(path))
 
 
 def load_shared_unet_weights(unet: KeyframeUNet, directory: str | Path,
@@ -154,7 +163,7 @@ def load_shared_unet_weights(unet: KeyframeUNet, directory: str | Path,
     for path in _unet_weight_files(root):
         if not path.is_file():
             raise MissingWeightsError(f"U-Net weight shard '{path}' (listed in its index) does not exist")
-        theirs.update(load_file(str(path)))
+        theirs.update(read_weight_file(path))
     ours = unet.net.state_dict()
     loaded = [k for k, v in theirs.items() if k in ours and ours[k].shape == v.shape]
     mismatched = [k for k, v in theirs.items() if k in ours and ours[k].shape != v.shape]

@@ -15,6 +15,20 @@ This is the API the generation pipeline uses::
 ``motion`` is at the scale recorded in the export (``read_video_detokenizer_spec(dir).motion_scale``:
 10 = the tokenizer's, so a motion tokenizer's ``decode`` output goes in as it is); the spec also gives the
 frame size, clip length and motion grid the model was trained with.
+
+Two behaviours, chosen by the config (``RELEASE_BEHAVIOUR`` lists the release's; imports of the released
+weights set it, and then the outputs equal the release code's on the same weights):
+
+* ``motion_resize``: ``"bicubic"`` (release) resizes the motion field per frame bicubically to the latent
+  size, and the encoder's input bicubically from there; ``"area"`` (ours) resizes the given field straight
+  to each size, area-averaging when shrinking (no overshoot at motion edges).
+* ``keyframe_latent_scale``: the release conditions on the VAE's *unscaled* latent (1 / scaling_factor of
+  what the latent space returns); ours on the scaled one (1.0), the same units as the diffused latents.
+* ``noise_aug_space``: the release adds the 0.02 augmentation noise to the keyframe pixels before the VAE
+  (``keyframe_latent`` does it), ours to the latent (``conditioning`` does it).
+* ``decode_chunk_frames``: the release decodes its temporal VAE 8 frames at a time (``decode``); ours all
+  of a clip's frames in one call (None).
+* The U-Net's ``temporal_context_resize`` (``VideoUNetConfig``): release ``"nearest"``, ours ``"bilinear"``.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ from videolavit.diffusion.guidance import GuidedDenoiser, LinearFrameGuidance, u
 from videolavit.diffusion.samplers import EulerSampler, KarrasSchedule, initial_latents
 from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
 from videolavit.models.export import ExportError, load_export, save_export
+from videolavit.models.latent_space import images_to_unit_range
 from videolavit.models.motion_condition_encoder import MotionConditionEncoder, MotionConditionEncoderConfig
 from videolavit.models.video_unet import VideoUNet, VideoUNetConfig
 
@@ -44,6 +59,9 @@ EXPORT_NAME = "video_detokenizer"
 UNCONDITIONAL_KEYS = ("keyframe_latent", "motion_field", "motion_context")
 RESIDUAL_BASE = "residual_base"  # cond key of the clean keyframe latent [b, C, h, w] (keyframe_residual only)
 SCALINGS = ("v", "edm")
+MOTION_RESIZE_MODES = ("bicubic", "area")
+NOISE_AUG_SPACES = ("pixels", "latent")
+RELEASE_DECODE_CHUNK_FRAMES = 8
 
 
 @dataclass
@@ -68,6 +86,10 @@ class VideoDetokenizerConfig:
     keyframe_residual: bool = False  # diffuse clip - keyframe latent (the release: False). For models trained
     #                                  from scratch at small scale: the static part of a clip is then given, and
     #                                  training goes to what moves (set sigma_data to the residual's std)
+    motion_resize: str = "area"  # "bicubic" (release) | "area" (ours; module docstring)
+    keyframe_latent_scale: float = 1.0  # x the latent space's keyframe latent (release: 1 / VAE scaling_factor)
+    noise_aug_space: str = "latent"  # where the augmentation noise goes: "pixels" (release) | "latent" (ours)
+    decode_chunk_frames: int | None = None  # frames per temporal-VAE call in ``decode`` (release 8; None: a clip)
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
@@ -89,10 +111,44 @@ class VideoDetokenizerConfig:
             raise ValueError(f"uncond_prob must be in [0, 1), got {self.uncond_prob}")
         if self.motion_gain <= 0:
             raise ValueError(f"motion_gain must be positive, got {self.motion_gain}")
+        if self.motion_resize not in MOTION_RESIZE_MODES:
+            raise ValueError(f"motion_resize must be one of {MOTION_RESIZE_MODES}, got {self.motion_resize!r}")
+        if self.noise_aug_space not in NOISE_AUG_SPACES:
+            raise ValueError(f"noise_aug_space must be one of {NOISE_AUG_SPACES}, got {self.noise_aug_space!r}")
+        if self.keyframe_latent_scale <= 0:
+            raise ValueError(f"keyframe_latent_scale must be positive, got {self.keyframe_latent_scale}")
+        if self.decode_chunk_frames is not None and self.decode_chunk_frames < 1:
+            raise ValueError(f"decode_chunk_frames must be positive or None, got {self.decode_chunk_frames}")
+
+    @property
+    def is_release(self) -> bool:
+        """Whether every behaviour switch is the release's (``release_behaviour``)."""
+        return all(getattr(self, k) == v for k, v in RELEASE_BEHAVIOUR.items() if k != "keyframe_latent_scale") \
+            and self.unet.temporal_context_resize == "nearest" and self.keyframe_latent_scale != 1.0
 
 
-def _resize_motion(motion: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[b, 2, T, gh, gw] -> [b, 2, T, *size], per frame (area when shrinking, linear when growing)."""
+# the release's choice for each behaviour switch (keyframe_latent_scale is 1 / the VAE's scaling factor)
+RELEASE_BEHAVIOUR = {"motion_resize": "bicubic", "noise_aug_strength": 0.02, "noise_aug_space": "pixels",
+                     "decode_chunk_frames": RELEASE_DECODE_CHUNK_FRAMES, "keyframe_latent_scale": None}
+
+
+def release_behaviour(config: VideoDetokenizerConfig, vae_scaling_factor: float) -> VideoDetokenizerConfig:
+    """``config`` with every behaviour the release's (module docstring); sizes unchanged."""
+    if vae_scaling_factor <= 0:
+        raise ValueError(f"vae_scaling_factor must be positive, got {vae_scaling_factor}")
+    switches = {k: v for k, v in RELEASE_BEHAVIOUR.items() if k != "keyframe_latent_scale"}
+    unet = dataclasses.replace(config.unet, temporal_context_resize="nearest")
+    return dataclasses.replace(config, unet=unet, keyframe_latent_scale=1.0 / float(vae_scaling_factor), **switches)
+
+
+def _resize_motion(motion: torch.Tensor, size: tuple[int, int], mode: str = "area") -> torch.Tensor:
+    """[b, 2, T, gh, gw] -> [b, 2, T, *size], per frame: "bicubic" (the release's, float32), or "area"
+    (area when shrinking, linear when growing)."""
+    if mode == "bicubic":
+        batch, channels, frames, height, width = motion.shape
+        flat = motion.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+        flat = F.interpolate(flat.float(), size=tuple(size), mode="bicubic")
+        return flat.reshape(batch, frames, channels, *size).permute(0, 2, 1, 3, 4).to(motion.dtype)
     if tuple(motion.shape[-2:]) == tuple(size):
         return motion
     frames = motion.shape[2]
@@ -136,9 +192,10 @@ class VideoDetokenizer(nn.Module):
     # ---- conditioning --------------------------------------------------------------------------
     def conditioning(self, keyframe_latent: torch.Tensor, motion: torch.Tensor, *,
                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """keyframe_latent [b, C, h, w], motion [b, 2, T, gh, gw] (at the export's ``motion_scale``) -> the
-        U-Net's conditioning: ``keyframe_latent`` (noise-augmented), ``motion_field`` [b, T, 2, h, w] (x
-        ``motion_gain``, at latent size), ``motion_context`` [b, T, N, D], ``added_time_ids`` [b, 3]."""
+        """keyframe_latent [b, C, h, w] (from ``keyframe_latent``), motion [b, 2, T, gh, gw] (at the export's
+        ``motion_scale``) -> the U-Net's conditioning: ``keyframe_latent`` (noise-augmented here when
+        ``noise_aug_space`` is "latent"), ``motion_field`` [b, T, 2, h, w] (x ``motion_gain``, at latent
+        size), ``motion_context`` [b, T, N, D], ``added_time_ids`` [b, 3]."""
         c = self.config
         if keyframe_latent.dim() != 4 or keyframe_latent.shape[1] != self.latent_channels:
             raise ValueError(f"keyframe_latent must be [batch, {self.latent_channels}, h, w], "
@@ -148,11 +205,17 @@ class VideoDetokenizer(nn.Module):
             raise ValueError(f"motion must be [{keyframe_latent.shape[0]}, {c.unet.motion_channels}, frames, gh, gw], "
                              f"got {list(motion.shape)}")
         batch, _, height, width = keyframe_latent.shape
-        motion = motion.float() * c.motion_gain
-        field_ = _resize_motion(motion, (height, width)).permute(0, 2, 1, 3, 4)  # [b, T, 2, h, w]
-        context = self.motion_encoder(_resize_motion(motion, (c.motion_encoder.height, c.motion_encoder.width)))
+        grid = (c.motion_encoder.height, c.motion_encoder.width)
+        if c.motion_resize == "bicubic":  # the release: to the latent size, then scaled, then to the grid
+            at_latent = _resize_motion(motion.float(), (height, width), "bicubic") * c.motion_gain
+            field_, encoder_input = at_latent, _resize_motion(at_latent, grid, "bicubic")
+        else:
+            motion = motion.float() * c.motion_gain
+            field_, encoder_input = _resize_motion(motion, (height, width)), _resize_motion(motion, grid)
+        field_ = field_.permute(0, 2, 1, 3, 4)  # [b, T, 2, h, w]
+        context = self.motion_encoder(encoder_input)
         keyframe = keyframe_latent.float()
-        if c.noise_aug_strength > 0:
+        if c.noise_aug_strength > 0 and c.noise_aug_space == "latent":
             noise = torch.randn(keyframe.shape, generator=generator, device=keyframe.device, dtype=keyframe.dtype)
             keyframe = keyframe + c.noise_aug_strength * noise
         time_ids = torch.tensor([c.fps_id, c.motion_bucket_id, c.noise_aug_strength], device=keyframe.device)
@@ -161,6 +224,31 @@ class VideoDetokenizer(nn.Module):
         if c.keyframe_residual:
             cond[RESIDUAL_BASE] = keyframe_latent.float()
         return cond
+
+    @torch.no_grad()
+    def keyframe_latent(self, latent_space, keyframe: torch.Tensor, *,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Keyframe images (uint8, or float in [-1, 1]) [b, 3, H, W] -> the latent ``conditioning`` takes: encoded by the
+        (frozen) ``latent_space``, times ``keyframe_latent_scale``; with ``noise_aug_space`` "pixels" the
+        augmentation noise is added to the pixels first (the release)."""
+        c = self.config
+        pixels = images_to_unit_range(keyframe)  # uint8 or [-1, 1]
+        if c.noise_aug_strength > 0 and c.noise_aug_space == "pixels":
+            noise = torch.randn(pixels.shape, generator=generator, device=pixels.device, dtype=pixels.dtype)
+            pixels = pixels + c.noise_aug_strength * noise
+        latent = latent_space.encode(pixels).float()
+        return latent if c.keyframe_latent_scale == 1.0 else latent * c.keyframe_latent_scale
+
+    @torch.no_grad()
+    def decode(self, latent_space, latents: torch.Tensor) -> torch.Tensor:
+        """Sampled latents [b, T, C, h, w] -> frames in [-1, 1] [b*T, 3, H, W]; a temporal VAE sees
+        ``decode_chunk_frames`` frames per call (the release: 8), or a whole clip (None)."""
+        frames = latents.shape[1]
+        chunk = self.config.decode_chunk_frames or frames
+        flat = latents.flatten(0, 1)
+        if chunk >= frames:
+            return latent_space.decode(flat, num_frames=frames)
+        return torch.cat([latent_space.decode(part, num_frames=part.shape[0]) for part in flat.split(chunk)])
 
     @staticmethod
     def split_residual_base(cond: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:

@@ -13,10 +13,13 @@ forward pass only:
   - *Temporal* cross-attention (``temporal_transformer_blocks.*.attn2``, per feature-map location, the
     sequence being the T frames): stock diffusers gives every location frame 0's context. Here each
     location (i, j) of an h×w feature map attends over the T tokens of *its own place* in the motion
-    grid, one per frame: the context grid is resampled (bilinear, anti-aliased) from gh×gw to h×w, so
-    location (i, j) sees the trajectory of the motion under it — when something arrives, how it moves,
-    when it leaves. This keeps the temporal layers local like the motion itself, costs T keys per query
-    (not N), and needs no new parameters. (A global alternative, every location attending to the T
+    grid, one per frame: the context grid is resampled from gh×gw to h×w, so location (i, j) sees the
+    trajectory of the motion under it — when something arrives, how it moves, when it leaves. How it is
+    resampled is ``temporal_context_resize``: ``"nearest"`` (the release's, and the paper's §3.2 for the
+    motion input: each location takes the token of the grid cell it falls in) or ``"bilinear"`` (ours:
+    anti-aliased when shrinking, so a coarse level sees the mean of the cells it covers, not one of them).
+    This keeps the temporal layers local like the motion itself, costs T keys per query (not N), and
+    needs no new parameters. (A global alternative, every location attending to the T
     per-frame means, would tell a pixel that *something* moves, not whether it is the thing moving.)
 
 The temporal transformers are diffusers' ``TransformerSpatioTemporalModel`` instances whose class is
@@ -41,6 +44,8 @@ from torch import nn
 
 from videolavit.metrics.weights import require_directory
 
+CONTEXT_RESIZE_MODES = ("nearest", "bilinear")
+
 
 @dataclass
 class VideoUNetConfig:
@@ -63,6 +68,8 @@ class VideoUNetConfig:
     norm_num_groups: int = 32  # groups of every GroupNorm (SVD: 32). Narrow U-Nets need fewer: with one
     #                            channel per group each norm is an instance norm, which erases every
     #                            channel's per-frame mean, i.e. the flat colours of a background
+    temporal_context_resize: str = "bilinear"  # motion grid -> each level's map for the temporal layers:
+    #                                            "nearest" (release, paper) | "bilinear" (ours, anti-aliased)
 
     def __post_init__(self):
         # JSON / YAML hand us lists; keep tuples so configs compare equal after a round trip.
@@ -77,6 +84,9 @@ class VideoUNetConfig:
                              f"groups), got {bad}")
         if self.norm_num_groups < 1 or 32 % self.norm_num_groups:
             raise ValueError(f"norm_num_groups must divide 32, got {self.norm_num_groups}")
+        if self.temporal_context_resize not in CONTEXT_RESIZE_MODES:
+            raise ValueError(f"temporal_context_resize must be one of {CONTEXT_RESIZE_MODES}, "
+                             f"got {self.temporal_context_resize!r}")
 
     @property
     def in_channels(self) -> int:
@@ -88,11 +98,13 @@ class VideoUNetConfig:
 
 
 def per_location_motion_context(context: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
-                                num_frames: int) -> torch.Tensor:
+                                num_frames: int, mode: str = "bilinear") -> torch.Tensor:
     """Per-frame motion tokens -> the temporal layers' context at each feature-map location.
 
     context [b*T, gh*gw, D] (frame-major, as the spatial layers get it) -> [b*h*w, T, D]: for location
-    (i, j) of an h×w map, the T tokens found at that place of the (resampled) motion grid.
+    (i, j) of an h×w map, the T tokens found at that place of the (resampled) motion grid. ``mode``:
+    ``"nearest"`` (the release: the cell's token, float32, scale factor h/gh as the release passes it) or
+    ``"bilinear"`` (anti-aliased when shrinking).
     """
     batch_frames, tokens, dim = context.shape
     gh, gw = grid
@@ -100,9 +112,13 @@ def per_location_motion_context(context: torch.Tensor, grid: tuple[int, int], si
         raise ValueError(f"motion context has {tokens} tokens per frame, expected the {gh}x{gw} motion grid")
     h, w = size
     maps = context.transpose(1, 2).reshape(batch_frames, dim, gh, gw)
-    if (h, w) != (gh, gw):
+    if (h, w) != (gh, gw) and mode == "nearest":
+        maps = F.interpolate(maps.float(), scale_factor=(h / gh, w / gw), mode="nearest").to(context.dtype)
+    elif (h, w) != (gh, gw):
         maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False,
                              antialias=h < gh or w < gw)
+    if tuple(maps.shape[-2:]) != (h, w):
+        raise ValueError(f"the {gh}x{gw} motion grid does not resample to the {h}x{w} feature map")
     batch = batch_frames // num_frames
     maps = maps.reshape(batch, num_frames, dim, h, w).permute(0, 3, 4, 1, 2)  # [b, h, w, T, D]
     return maps.reshape(batch * h * w, num_frames, dim)
@@ -113,6 +129,7 @@ class MotionTransformerSpatioTemporal(TransformerSpatioTemporalModel):
     context (module docstring). ``motion_grid`` is set by ``VideoUNet``."""
 
     motion_grid: tuple[int, int]
+    context_resize: str = "bilinear"
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 image_only_indicator: torch.Tensor | None = None, return_dict: bool = True):
@@ -120,7 +137,7 @@ class MotionTransformerSpatioTemporal(TransformerSpatioTemporalModel):
         batch_frames, _, height, width = hidden_states.shape
         num_frames = image_only_indicator.shape[-1]
         time_context = per_location_motion_context(encoder_hidden_states, self.motion_grid, (height, width),
-                                                   num_frames)  # [b*h*w, T, D]
+                                                   num_frames, self.context_resize)  # [b*h*w, T, D]
 
         residual = hidden_states
         x = self.norm(hidden_states)
@@ -194,6 +211,7 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
             if type(module) is TransformerSpatioTemporalModel:
                 module.__class__ = MotionTransformerSpatioTemporal
                 module.motion_grid = config.motion_grid
+                module.context_resize = config.temporal_context_resize
             if isinstance(module, nn.GroupNorm):
                 module.num_groups = config.norm_num_groups  # per-channel affine parameters: layout unchanged
             if TemporalConv3d.applies_to(module):

@@ -1,0 +1,391 @@
+"""Import a Video-LaVIT release directory (``videolavit.release.layout``) into our exports layout.
+
+What it writes into ``out`` (what ``TextToVideo.from_directory``, ``chat`` and the stages' ``init_from`` read):
+``motion_tokenizer.{json,safetensors}``, ``keyframe_tokenizer.{json,safetensors}`` (+ its ViT in
+``keyframe_tokenizer_backbone.safetensors``), ``keyframe_detokenizer/`` (+ the VAE in ``vae/``),
+``video_detokenizer/`` (+ ``vae/``), and ``pretrain/`` (``language_model/``) and ``instruct/``
+(``language_model_sft/``) LLM directories with safetensors weights, a fast tokenizer and
+``videolavit_vocabulary.json``. Every export records the release behaviour (``release_behaviour.json``,
+g_V's ``release_behaviour`` config, g_I's DDIM / ancestral sampler from the release's scheduler).
+
+Every weight file is read with ``torch.load(weights_only=True)`` (``checkpoint.load_bin_state_dict``) and
+re-written as safetensors. Sizes are the release's unless ``sizes`` overrides them (reduced test
+directories); loading is strict, and every missing, unexpected or mis-shaped file or key is a
+``ReleaseImportError`` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from videolavit.llm.vocabulary import Vocabulary
+from videolavit.release import layout as L
+from videolavit.release.checkpoint import ReleaseCheckpointError, load_bin_state_dict
+
+SIZE_SECTIONS = ("motion_tokenizer", "keyframe_tokenizer", "keyframe_feature_decoder", "keyframe_detokenizer",
+                 "motion_encoder", "video_detokenizer")
+FEATURE_DECODER = "visual_tokenizer/highres_tokenizer_decoder.bin"
+IMAGE_UNET = "unet/diffusion_pytorch_model.bin"
+VAE_WEIGHTS = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors")
+LLM_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors", "model.safetensors.index.json")
+LLM_EXPORTS = {"language_model": "pretrain", "language_model_sft": "instruct"}
+ALLOWED_TOP = {"motion_tokenizer.bin", "visual_tokenizer", "video_detokenizer", "image_detokenizer",
+               *L.LLM_DIRECTORIES}
+VIDEO_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction",
+                   "use_karras_sigmas": True}
+
+
+class ReleaseImportError(ValueError):
+    """The release directory lacks, has extra, or mis-shapes a file or key (the message names it)."""
+
+
+@dataclass
+class ImportReport:
+    written: list[str] = field(default_factory=list)  # export names / directories written under ``out``
+    skipped: list[str] = field(default_factory=list)  # optional parts the release directory does not hold
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise ReleaseImportError(f"release directory is missing {what}: {path}")
+    return path
+
+
+def _bin(path: Path, what: str) -> dict[str, torch.Tensor]:
+    _require(path, what)
+    try:
+        return load_bin_state_dict(path)
+    except ReleaseCheckpointError as exc:
+        raise ReleaseImportError(str(exc)) from None
+
+
+def _json(path: Path, what: str) -> dict:
+    _require(path, what)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReleaseImportError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def _strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+            may_lack: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``module`` naming every missing, unexpected and mis-shaped key; keys ending in
+    ``may_lack`` (ours only, e.g. codebook EMA statistics) keep their fresh values."""
+    ours = module.state_dict()
+    missing = sorted(k for k in set(ours) - set(state) if not k.endswith(may_lack or ("\0",)))
+    unexpected = sorted(set(state) - set(ours))
+    mis_shaped = sorted(f"{k}: file {list(state[k].shape)} vs model {list(ours[k].shape)}"
+                        for k in set(state) & set(ours) if state[k].shape != ours[k].shape)
+    if missing or unexpected or mis_shaped:
+        raise ReleaseImportError(f"{source} does not fit: {len(missing)} missing {missing[:6]}, {len(unexpected)} "
+                                 f"unexpected {unexpected[:6]}, {len(mis_shaped)} mis-shaped {mis_shaped[:6]}")
+    module.load_state_dict({**ours, **state}, strict=True)
+
+
+def _blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many ``prefix.N.`` blocks a state dict holds."""
+    found = {int(k[len(prefix):].split(".", 1)[0]) for k in state if k.startswith(prefix)}
+    return max(found) + 1 if found else 0
+
+
+def _check_top_level(release: Path) -> None:
+    extra = sorted(p.name for p in release.iterdir()
+                   if p.name not in ALLOWED_TOP and not p.name.startswith(".") and not p.name.lower().startswith("readme"))
+    if extra:
+        raise ReleaseImportError(f"unexpected entries in the release directory {release}: {extra} (expected "
+                                 f"{sorted(ALLOWED_TOP)})")
+
+
+def _copy_vae(src: Path, dest: Path) -> None:
+    """A diffusers VAE directory with its weights re-written as safetensors."""
+    config = _require(src / "config.json", "a VAE config")
+    weights = next((src / n for n in VAE_WEIGHTS if (src / n).is_file()), None)
+    if weights is None:
+        raise ReleaseImportError(f"release VAE {src} holds none of {list(VAE_WEIGHTS)}")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(config, dest / "config.json")
+    if weights.suffix == ".bin":
+        state = _bin(weights, "VAE weights")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "diffusion_pytorch_model.safetensors"))
+    else:
+        shutil.copy(weights, dest / weights.name)
+
+
+def _vae_space(path: Path, temporal: bool) -> dict:
+    return {"class_path": "videolavit.models.latent_space.VaeLatentSpace",
+            "init_args": {"path": str(path.resolve()), "subfolder": None, "temporal_decoder": temporal, "chunk": 16,
+                          "sample_posterior": False}}
+
+
+# ---- components -------------------------------------------------------------------------------------
+
+def import_motion_tokenizer(release: Path, out: Path, sizes: dict) -> None:
+    from videolavit.models.export import save_export
+    from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
+
+    path = release / L.MOTION_TOKENIZER
+    state = _bin(path, "the motion tokenizer")
+    model = MotionTokenizer(MotionTokenizerConfig.preset("release", **sizes))
+    _strict(model, state, str(path), may_lack=("quantize.cluster_size", "quantize.num_updates"))
+    save_export(model, out, "motion_tokenizer", model.config)
+
+
+def import_keyframe_tokenizer(release: Path, out: Path, sizes: dict) -> torch.Tensor:
+    """-> the codebook (the keyframe detokenizer's)."""
+    from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
+    from videolavit.models.keyframe_tokenizer_export import init_backbone, save_keyframe_tokenizer
+
+    path = release / L.KEYFRAME_TOKENIZER
+    state = _bin(path, "the keyframe tokenizer")
+    model = KeyframeTokenizer(KeyframeTokenizerConfig(**sizes))
+    _strict(model, state, str(path), may_lack=("quantize.cluster_size", "quantize.num_updates"))
+    backbone_file = out / "keyframe_tokenizer_backbone.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k[len("encoder."):]: v.contiguous() for k, v in state.items() if k.startswith("encoder.")},
+              str(backbone_file))
+    backbone = init_backbone(model, backbone_file.resolve())
+    save_keyframe_tokenizer(model, out, backbone)
+    return state["quantize.embedding.weight"]
+
+
+def import_keyframe_detokenizer(release: Path, out: Path, codebook: torch.Tensor, sizes: dict,
+                                decoder_sizes: dict) -> None:
+    from videolavit.models.keyframe_detokenizer import (RELEASE_SCHEDULERS, KeyframeDetokenizer,
+                                                        KeyframeDetokenizerConfig, KeyframeDiffusionConfig,
+                                                        save_keyframe_detokenizer)
+    from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
+    from videolavit.models.keyframe_unet import KeyframeUNetConfig
+
+    root = _require(release / L.IMAGE_DETOKENIZER, "the keyframe detokenizer (image_detokenizer/)")
+    unet_config = _json(root / "unet" / "config.json", "the keyframe U-Net config")
+    scheduler = _json(root / "scheduler" / "scheduler_config.json", "the keyframe scheduler config")
+    sampler = RELEASE_SCHEDULERS.get(scheduler.get("_class_name"))
+    if sampler is None:
+        raise ReleaseImportError(f"{root / 'scheduler'}: scheduler {scheduler.get('_class_name')!r} is not one of "
+                                 f"the release's {sorted(RELEASE_SCHEDULERS)}")
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ReleaseImportError(f"{root / 'scheduler'}: prediction_type {prediction!r} is not supported")
+    heads = unet_config.get("attention_head_dim")
+    layers = unet_config.get("transformer_layers_per_block", 1)
+    blocks = unet_config["block_out_channels"]
+    unet = KeyframeUNetConfig(
+        in_channels=unet_config["in_channels"], out_channels=unet_config["out_channels"], block_out_channels=blocks,
+        down_block_types=unet_config["down_block_types"], up_block_types=unet_config["up_block_types"],
+        layers_per_block=unet_config["layers_per_block"],
+        transformer_layers_per_block=layers if isinstance(layers, list) else [layers] * len(blocks),
+        num_heads=heads if isinstance(heads, list) else [heads] * len(blocks),
+        context_dim=unet_config["cross_attention_dim"],
+        pooled_dim=unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"],
+        addition_time_embed_dim=unet_config["addition_time_embed_dim"],
+        norm_num_groups=unet_config.get("norm_num_groups", 32),
+        use_linear_projection=unet_config.get("use_linear_projection", True))
+    diffusion = KeyframeDiffusionConfig(scaling="eps_discrete" if prediction == "epsilon" else "v_discrete",
+                                        sampler=sampler, scheduler=scheduler,
+                                        num_train_timesteps=scheduler.get("num_train_timesteps", 1000),
+                                        beta_start=scheduler.get("beta_start", 0.00085),
+                                        beta_end=scheduler.get("beta_end", 0.012),
+                                        beta_schedule=scheduler.get("beta_schedule", "scaled_linear"),
+                                        num_steps=sizes.pop("num_steps", 25),
+                                        guidance_scale=sizes.pop("guidance_scale", 3.0))
+    decoder = KeyframeFeatureDecoderConfig(**{"code_dim": int(codebook.shape[1]), **decoder_sizes})
+    config = KeyframeDetokenizerConfig(unet=unet, decoder=decoder, diffusion=diffusion,
+                                       num_codes=int(codebook.shape[0]), code_dim=int(codebook.shape[1]),
+                                       **{"image_size": 1024, "latent_downsample": 8, **sizes})
+    model = KeyframeDetokenizer(config)
+    decoder_path = release / FEATURE_DECODER
+    decoder_state = _bin(decoder_path, "the keyframe feature decoder")
+    _strict(model.feature_decoder, decoder_state, str(decoder_path))
+    model.load_tokenizer_parts(codebook, model.feature_decoder.state_dict())
+    unet_path = root / IMAGE_UNET
+    _strict(model.unet.net, _bin(unet_path, "the keyframe U-Net weights"), str(unet_path))
+    dest = out / "keyframe_detokenizer"
+    _copy_vae(_require(root / "vae", "the keyframe VAE"), dest / "vae")
+    save_keyframe_detokenizer(model, dest, _vae_space(dest / "vae", temporal=False),
+                              provenance={"release": str(root.resolve())})
+
+
+def import_video_detokenizer(release: Path, out: Path, sizes: dict, encoder_sizes: dict) -> None:
+    from videolavit.models.motion_condition_encoder import MotionConditionEncoderConfig
+    from videolavit.models.video_detokenizer import (VideoDetokenizer, VideoDetokenizerConfig, VideoDetokenizerSpec,
+                                                     release_behaviour, save_video_detokenizer)
+    from videolavit.models.video_unet import VideoUNetConfig
+
+    root = _require(release / L.VIDEO_DETOKENIZER, "the video detokenizer (video_detokenizer/)")
+    unet_config = _json(root / "unet" / "config.json", "the video U-Net config")
+    scheduler = _json(root / "scheduler" / "scheduler_config.json", "the video scheduler config")
+    for key, value in VIDEO_SCHEDULER.items():
+        if scheduler.get(key) != value:
+            raise ReleaseImportError(f"{root / 'scheduler'}: {key} is {scheduler.get(key)!r}, g_V samples with "
+                                     f"{value!r} (SVD's Euler scheduler)")
+    weights = next((root / n for n in L.VIDEO_UNET_FILES if (root / n).is_file()), None)
+    if weights is None:
+        raise ReleaseImportError(f"release directory is missing the g_V weights: one of "
+                                 f"{[str(root / n) for n in L.VIDEO_UNET_FILES]}")
+    state = _bin(weights, "the g_V weights")
+    state = {k: v for k, v in state.items() if not k.startswith(("motion_tokenizer.", "vae."))}  # loaded apart
+    if "motion_encoder.in_proj.weight" not in state:
+        raise ReleaseImportError(f"{weights} holds no motion_encoder.* tensors: not the whole g_V module's state")
+    heads = unet_config.get("num_attention_heads")
+    blocks = unet_config["block_out_channels"]
+    latent = int(unet_config["out_channels"])
+    encoder = MotionConditionEncoderConfig(**{
+        "dim": int(state["motion_encoder.in_proj.weight"].shape[0]), "depth": _blocks(state, "motion_encoder.blocks."),
+        "out_dim": int(state["motion_encoder.out_proj.weight"].shape[0]), **encoder_sizes})
+    unet = VideoUNetConfig(latent_channels=latent, down_block_types=unet_config["down_block_types"],
+                           up_block_types=unet_config["up_block_types"], block_out_channels=blocks,
+                           layers_per_block=unet_config["layers_per_block"],
+                           transformer_layers_per_block=unet_config.get("transformer_layers_per_block", 1),
+                           num_attention_heads=heads if isinstance(heads, list) else [heads] * len(blocks),
+                           cross_attention_dim=unet_config["cross_attention_dim"],
+                           addition_time_embed_dim=unet_config["addition_time_embed_dim"],
+                           motion_grid=(encoder.height, encoder.width))
+    if unet.in_channels != unet_config["in_channels"]:
+        raise ReleaseImportError(f"{root / 'unet/config.json'}: in_channels {unet_config['in_channels']} is not "
+                                 f"noisy {latent} + keyframe {latent} + motion 2")
+    spec_sizes = {"frame_size": (576, 1024), "num_frames": 24, **{k: sizes.pop(k) for k in ("frame_size", "num_frames")
+                                                                    if k in sizes}}
+    vae_config = _json(root / "vae" / "config.json", "the video VAE config")
+    config = release_behaviour(VideoDetokenizerConfig(unet=unet, motion_encoder=encoder,
+                                                      sigma_min=scheduler.get("sigma_min", 0.002),
+                                                      sigma_max=scheduler.get("sigma_max", 700.0), **sizes),
+                               float(vae_config.get("scaling_factor", 0.18215)))
+    model = VideoDetokenizer(config)
+    _strict(model, state, str(weights))
+    dest = out / "video_detokenizer"
+    _copy_vae(root / "vae", dest / "vae")
+    save_video_detokenizer(model, dest, VideoDetokenizerSpec(
+        latent_space=_vae_space(dest / "vae", temporal=True), frame_size=tuple(spec_sizes["frame_size"]),
+        num_frames=int(spec_sizes["num_frames"]), motion_grid=(20, 36), motion_scale=10.0))
+
+
+def _llm_weights(src: Path, dest: Path) -> None:
+    """HF Llama weights (``.bin``, sharded or not, or safetensors) -> ``model.safetensors`` in ``dest``."""
+    names = [n for n in LLM_WEIGHTS if (src / n).is_file()]
+    if not names:
+        raise ReleaseImportError(f"LLM directory {src} holds no weights (one of {list(LLM_WEIGHTS)})")
+    name = names[0]
+    if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+        for path in [src / name, *(src / f for f in set(_json(src / name, "an index")["weight_map"].values())
+                                   if name.endswith(".json"))]:
+            shutil.copy(path, dest / path.name)
+        return
+    if name.endswith(".index.json"):
+        shards = sorted(set(_json(src / name, "the LLM weight index")["weight_map"].values()))
+    else:
+        shards = [name]
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(_bin(src / shard, "an LLM weight shard"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "model.safetensors"))
+
+
+def _fast_tokenizer(src: Path, dest: Path):
+    """The release ships a slow sentencepiece tokenizer: use its ``tokenizer.json`` where present, else
+    convert ``tokenizer.model`` with transformers (needs the sentencepiece package)."""
+    from transformers import AutoTokenizer
+
+    if not (src / "tokenizer.json").is_file() and not (src / "tokenizer.model").is_file():
+        raise ReleaseImportError(f"LLM directory {src} has no tokenizer (tokenizer.model or tokenizer.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - conversion fails in several libraries' error types
+        raise ReleaseImportError(f"cannot build a fast tokenizer from {src}: {type(exc).__name__}: {exc} "
+                                 "(converting the slow tokenizer.model needs the sentencepiece package)") from None
+    if not getattr(tokenizer, "is_fast", False) or len(tokenizer) < 3:
+        raise ReleaseImportError(f"{src}: the slow tokenizer.model could not be converted to a fast tokenizer "
+                                 "(install the sentencepiece package, or put its tokenizer.json next to it)")
+    tokenizer.save_pretrained(str(dest))
+    return tokenizer
+
+
+def import_llm(src: Path, dest: Path, vocabulary: Vocabulary, keyframe_keys: set[str] | None) -> None:
+    from videolavit.inference.video_chat import VOCABULARY_FILE
+
+    config = _json(src / "config.json", "an LLM config")
+    if int(config.get("vocab_size", -1)) != vocabulary.size:
+        raise ReleaseImportError(f"{src / 'config.json'}: vocab_size {config.get('vocab_size')} is not the "
+                                 f"release vocabulary's {vocabulary.size}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, dest / name)
+    _llm_weights(src, dest)
+    tokenizer = _fast_tokenizer(src, dest)
+    if len(tokenizer) != vocabulary.text_size:
+        raise ReleaseImportError(f"{src}: the tokenizer has {len(tokenizer)} ids, the release's text ids are "
+                                 f"0..{vocabulary.text_size - 1}")
+    layout = {"text_size": vocabulary.text_size, "visual_codes": vocabulary.visual_codes,
+              "motion_codes": vocabulary.motion_codes, "size": vocabulary.size}
+    (dest / VOCABULARY_FILE).write_text(json.dumps(layout, indent=2))
+    visual = src / L.VISUAL_WEIGHT
+    if visual.is_file():  # the keyframe tokenizer's parts trained with this LLM (continuous keyframes)
+        state = _bin(visual, "the LLM's visual weights")
+        if keyframe_keys is not None:
+            unknown = sorted(set(state) - keyframe_keys)
+            if unknown:
+                raise ReleaseImportError(f"{visual}: keys that are not the keyframe tokenizer's: {unknown[:6]}")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "visual_weight.safetensors"))
+    (dest / L.BEHAVIOUR_FILE).write_text(json.dumps({"llm_generation": "release", "source": str(src.resolve()),
+                                                     "visual_weight": visual.is_file()}, indent=2))
+
+
+def import_release(release: str | Path, out: str | Path, sizes: dict | None = None) -> ImportReport:
+    """Import every component of ``release`` into ``out`` (module docstring); ``sizes``: per section of
+    ``SIZE_SECTIONS``, constructor arguments that replace the release's sizes."""
+    release, out = Path(release), Path(out)
+    if not release.is_dir():
+        raise ReleaseImportError(f"release directory {release} does not exist")
+    sizes = {k: dict(v) for k, v in (sizes or {}).items()}
+    unknown = sorted(set(sizes) - set(SIZE_SECTIONS))
+    if unknown:
+        raise ReleaseImportError(f"unknown size sections {unknown}; known: {list(SIZE_SECTIONS)}")
+    _check_top_level(release)
+    out.mkdir(parents=True, exist_ok=True)
+    report = ImportReport()
+    import_motion_tokenizer(release, out, sizes.get("motion_tokenizer", {}))
+    report.written.append("motion_tokenizer")
+    codebook = import_keyframe_tokenizer(release, out, sizes.get("keyframe_tokenizer", {}))
+    report.written.append("keyframe_tokenizer")
+    import_keyframe_detokenizer(release, out, codebook, sizes.get("keyframe_detokenizer", {}),
+                                sizes.get("keyframe_feature_decoder", {}))
+    report.written.append("keyframe_detokenizer")
+    import_video_detokenizer(release, out, sizes.get("video_detokenizer", {}), sizes.get("motion_encoder", {}))
+    report.written.append("video_detokenizer")
+    from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
+
+    with torch.device("meta"):
+        keyframe_keys = set(KeyframeTokenizer(KeyframeTokenizerConfig(**sizes.get("keyframe_tokenizer", {})))
+                            .state_dict())
+    motion_codes = int(json.loads((out / "motion_tokenizer.json").read_text())["config"].get("num_codes", 1024))
+    vocabulary = Vocabulary(text_size=32000, visual_codes=int(codebook.shape[0]), motion_codes=motion_codes)
+    found = [name for name in L.LLM_DIRECTORIES if (release / name).is_dir()]
+    if not found:
+        raise ReleaseImportError(f"release directory {release} holds no LLM ({' or '.join(L.LLM_DIRECTORIES)}/)")
+    for name in L.LLM_DIRECTORIES:
+        if name not in found:
+            report.skipped.append(name)
+            continue
+        import_llm(release / name, out / LLM_EXPORTS[name], _llm_vocabulary(release / name, vocabulary),
+                   keyframe_keys)
+        report.written.append(LLM_EXPORTS[name])
+    (out / L.BEHAVIOUR_FILE).write_text(json.dumps({"release": str(release.resolve()), "written": report.written,
+                                                    "skipped": report.skipped}, indent=2))
+    return report
+
+
+def _llm_vocabulary(directory: Path, vocabulary: Vocabulary) -> Vocabulary:
+    """The release's ids: text below [IMG] = vocab_size - codes - 4 markers (32000 for the release)."""
+    config = _json(directory / "config.json", "an LLM config")
+    text_size = int(config.get("vocab_size", 0)) - vocabulary.visual_codes - vocabulary.motion_codes - 4
+    if text_size < 3:
+        raise ReleaseImportError(f"{directory / 'config.json'}: vocab_size {config.get('vocab_size')} leaves no "
+                                 f"text ids beside {vocabulary.visual_codes} visual and {vocabulary.motion_codes} "
+                                 "motion codes")
+    return Vocabulary(text_size=text_size, visual_codes=vocabulary.visual_codes, motion_codes=vocabulary.motion_codes)
