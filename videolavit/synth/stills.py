@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from videolavit.synth.moving_shapes import VideoSpec, _background, _write_text_atomic, render_frame
+from videolavit.atomic_files import atomic_file, write_text_atomic
+from videolavit.synth.shape_plan import VideoSpec
+from videolavit.synth.shape_render import render_background, render_frame
 
 IMAGE_DIR = "images"
 IMAGE_TEXT_FILE = "image_text.jsonl"
@@ -77,9 +79,8 @@ def still_conversations(spec: VideoSpec, frame_index: int, image: str) -> list[d
 def _write_png(path: Path, pixels: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
 
 
 def write_stills(out_dir: str | os.PathLike, specs: Sequence[VideoSpec], per_video: int) -> int:
@@ -95,10 +96,10 @@ def write_stills(out_dir: str | os.PathLike, specs: Sequence[VideoSpec], per_vid
             name = f"{IMAGE_DIR}/{spec.videoid}_{frame_index:03d}.png"
             if not (out_dir / name).is_file():
                 if background is None:
-                    background = _background(spec)
+                    background = render_background(spec)
                 _write_png(out_dir / name, render_frame(spec, frame_index, background))
             pairs.append({"image": name, "caption": still_caption(spec, frame_index)})
             conversations.extend(still_conversations(spec, frame_index, name))
-    _write_text_atomic(out_dir / IMAGE_TEXT_FILE, "".join(json.dumps(p) + "\n" for p in pairs))
-    _write_text_atomic(out_dir / IMAGE_QA_FILE, json.dumps(conversations, indent=1) + "\n")
+    write_text_atomic(out_dir / IMAGE_TEXT_FILE, "".join(json.dumps(p) + "\n" for p in pairs))
+    write_text_atomic(out_dir / IMAGE_QA_FILE, json.dumps(conversations, indent=1) + "\n")
     return len(pairs)
