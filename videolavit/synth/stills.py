@@ -1,15 +1,15 @@
 """Still images of a moving-shapes corpus: its image-text pairs and image conversations.
 
-Video-LaVIT pre-trains on image-text pairs next to video-text pairs (DESIGN §7: weights 1.0 / 0.5 / 0.3
-for video-text / image-text / text) and instruction-tunes on LLaVA image conversations next to video ones.
+Video-LaVIT pre-trains on image-text pairs next to video-text pairs (docs/design.md §8) and instruction-tunes
+on LLaVA image conversations next to video ones.
 The moving-shapes corpus gets the same two image sources from its own videos: evenly spaced frames of every
 video, rendered without the H.264 round trip, each captioned by what a still shows (colour, shape and
 background; not the direction) and asked about its shape and colour.
 
-Why the tiny chain needs them: a video costs ~150 LLM tokens of which ~12 are keyframe codes and one or two
-of those show the object, so 256 videos give the tiny LLM too few examples of "these codes mean red" to
-learn it; the LLM memorises the training videos instead (held-out colour at chance while a linear probe on
-the same codes reads 85%). A still is ~8 codes plus a caption, so a packed row holds a dozen of them.
+Why the tiny chain needs them: in a video's LLM tokens only a few keyframe codes show the object, so a small
+corpus of videos gives the tiny LLM too few examples of "these codes mean red" and it memorises the training
+videos instead; a still is a handful of codes plus a caption, so a packed row holds many of them (figures in
+docs/measurements.md).
 
 Layout added to the corpus directory by :func:`write_stills`::
 
