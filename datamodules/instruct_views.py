@@ -1,4 +1,4 @@
-"""Instruction-tuning view for stage 3 (DESIGN §8): video (and image) conversations -> token rows.
+"""Instruction-tuning view for stage 3 (docs/design.md §8): video (and image) conversations -> token rows.
 
 ``InstructionSequenceView`` reads token shards (``python -m videolavit tokenize``), as stage 2 does. Joining the
 conversations to the videos: the conversations are held in memory, indexed by video key (10^5-10^6 annotation

@@ -1,4 +1,4 @@
-"""Token-sequence views for the LLM stages (DESIGN §3, §8): token shard samples -> packed token rows.
+"""Token-sequence views for the LLM stages (docs/design.md §3, §8): token shard samples -> packed token rows.
 
 The LLM stages read **token shards** (``python -m videolavit tokenize``; format ``videolavit.llm.token_shards``):
 one sample per video holding, per clip, the keyframe code ids and motion code ids the frozen stage-1 tokenizers

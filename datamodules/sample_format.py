@@ -1,4 +1,4 @@
-"""The shard sample contract between ``prepare`` (writer) and the DataModule (reader); DESIGN §3.
+"""The shard sample contract between ``prepare`` (writer) and the DataModule (reader); docs/design.md §3.
 
 One sample per source video:
 

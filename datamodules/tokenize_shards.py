@@ -1,4 +1,4 @@
-"""``tokenize``: prepared video shards -> token shards, with the frozen stage-1 tokenizers (DESIGN §3).
+"""``tokenize``: prepared video shards -> token shards, with the frozen stage-1 tokenizers (docs/design.md §3).
 
 The LLM stages read code ids, never videos: running the release-size tokenizers inside their CPU data loaders
 would starve the GPUs by orders of magnitude. This job runs them once, ahead of training, on GPUs or CPU.

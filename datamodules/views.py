@@ -1,4 +1,4 @@
-"""Views: what each stage takes from a shard sample (DESIGN §3).
+"""Views: what each stage takes from a shard sample (docs/design.md §3).
 
 The one DataModule reads the same shards for every stage; a view turns each decoded sample into
 zero or more training examples and collates them. Built-in views:

@@ -1,4 +1,4 @@
-"""Stage 3: instruction tuning of the LLM on video (and image) conversations (paper §4; DESIGN §8).
+"""Stage 3: instruction tuning of the LLM on video (and image) conversations (paper §4; docs/design.md §8).
 
 The stage is stage 2's ``PretrainStage`` - the same ``LlamaForCausalLM`` with split vocabulary rows,
 FSDP2 via ``ModelParallelStrategy.configure_model``, activation checkpointing, per-modality logs and the

@@ -1,4 +1,4 @@
-"""Stage 1b (keyframes): train the keyframe detokenizer g_I on the ``keyframe`` view (DESIGN §6).
+"""Stage 1b (keyframes): train the keyframe detokenizer g_I on the ``keyframe`` view (docs/design.md §6).
 
 Each step: the frozen keyframe tokenizer turns the image into code ids (no gradient; the selection is drawn as
 at inference, ``eval_selection`` of the tokenizer export); ``KeyframeDetokenizer.conditioning`` turns the ids

@@ -1,4 +1,4 @@
-"""Stage 1 (keyframes): train the LaVIT dynamic keyframe tokenizer on the ``keyframe`` view (DESIGN §6).
+"""Stage 1 (keyframes): train the LaVIT dynamic keyframe tokenizer on the ``keyframe`` view (docs/design.md §6).
 
 What trains: the token selector, the token merger, the code projection (``encode_task_layer``), the
 L2-normalised codebook (by EMA, not by the optimiser) and the feature decoder, which reconstructs every

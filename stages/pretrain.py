@@ -1,4 +1,4 @@
-"""Stage 2: unified generative pre-training of the LLM (paper §3.3, A.2; DESIGN §8, §10).
+"""Stage 2: unified generative pre-training of the LLM (paper §3.3, A.2; docs/design.md §8, §10).
 
 A ``LlamaForCausalLM`` - Llama-2-7B from a local Hugging Face directory (``llm_path``), or a
 ``LlamaConfig`` built on the fly (``llm_config``, tiny runs) - learns next-token prediction over packed

@@ -39,6 +39,7 @@ from functools import partial
 from pathlib import Path
 
 from videolavit.commands.demo_schedule import Job, JobFailed, Outcome, downstream, run_jobs, upstream
+from videolavit.experiment_configs import tiny_config
 from videolavit.synth.stills import IMAGE_QA_FILE
 
 HELP = ("run the whole chain on the synthetic corpus (CPU, ~12 min on 2 idle cores, independent stages on 2 lanes) "
@@ -78,7 +79,7 @@ class Stage:
 
     @property
     def config(self) -> Path:
-        return REPO / "experiments" / "tiny" / f"{self.name}.yaml"
+        return tiny_config(self.name)
 
 
 STAGES = [
@@ -416,6 +417,14 @@ def _failure(outcome: Outcome) -> str:
     return "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
 
 
+def _shown_path(path: Path) -> Path:
+    """``path`` as users of a checkout type it (relative to the checkout); absolute for an installed package."""
+    try:
+        return path.relative_to(REPO)
+    except ValueError:
+        return path
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.time()
     if args.jobs < 1:
@@ -439,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
     # A skipped job's export is already there: what needs it can start at once.
     jobs = [Job(j.name, j.action, tuple(n for n in j.needs if n in selected)) for j in graph if j.name in selected]
     skipped = [name for name in NEEDS if name not in selected]
-    configs = {s.name: f": fit --config {s.config.relative_to(REPO)}" for s in STAGES}
+    configs = {s.name: f": fit --config {_shown_path(s.config)}" for s in STAGES}
 
     def clock() -> str:
         return f"[{(time.time() - started) / 60:5.1f} min]"

@@ -1,4 +1,4 @@
-"""``python -m videolavit synth``: write the procedurally generated moving-shapes corpus (DESIGN.md §11)."""
+"""``python -m videolavit synth``: write the procedurally generated moving-shapes corpus (docs/design.md §11)."""
 
 from __future__ import annotations
 

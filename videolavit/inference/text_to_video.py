@@ -1,4 +1,4 @@
-"""Text-to-video, image-to-video and long video from trained exports (DESIGN §7-8; no Lightning).
+"""Text-to-video, image-to-video and long video from trained exports (docs/design.md §7-8; no Lightning).
 
 The chain: prompt → LLM samples each clip's ``[IMG] keyframe codes [/IMG] [MOV] motion codes [/MOV]``
 (``videolavit.llm.visual_generation``: code ranges enforced, release guidance 4.0 / 7.0, fixed motion

@@ -2,7 +2,7 @@
 
 The path is the training path, run once on one video:
 
-1. ``decompose_video`` (6 fps MPEG-4 re-encode + motion vectors, DESIGN §4) with the same settings and
+1. ``decompose_video`` (6 fps MPEG-4 re-encode + motion vectors, docs/design.md §4) with the same settings and
    the same clip selection (``select_clip_starts``, ``max_clips``) as ``prepare``;
 2. the frozen stage-1 tokenizers turn each clip into ``[IMG] keyframe codes [/IMG] [MOV] motion codes
    [/MOV]`` - the video coder of the tokenize job that wrote the training token shards

@@ -1,4 +1,4 @@
-"""The token shard sample contract between the tokenize job (writer) and the LLM views (readers); DESIGN §3.
+"""The token shard sample contract between the tokenize job (writer) and the LLM views (readers); docs/design.md §3.
 
 One WebDataset sample per source video, under the video shard's key:
 

@@ -1,4 +1,4 @@
-"""LLM side of generation: sample the code blocks of one or more clips after a prompt (DESIGN §8).
+"""LLM side of generation: sample the code blocks of one or more clips after a prompt (docs/design.md §8).
 
 Per clip the LLM writes ``[IMG] keyframe codes [/IMG] [MOV] motion codes [/MOV]``. Inside a block only
 that block's codes are allowed (``VisualBlockConstraint``), the motion block has exactly

@@ -1,6 +1,6 @@
 """Fréchet Video Distance (Unterthiner et al. 2018) with a local I3D, as the paper's evaluation uses it.
 
-Protocol (DESIGN §9): each video becomes 16 frames at 224×224 in [-1, 1]; I3D (Kinetics-400) maps it to
+Protocol (docs/design.md §9): each video becomes 16 frames at 224×224 in [-1, 1]; I3D (Kinetics-400) maps it to
 400 class logits averaged over time; the Fréchet distance between the Gaussians fitted to real and
 generated logits is reported. Statistics stream as float64 sums, so any number of videos and ranks works.
 """

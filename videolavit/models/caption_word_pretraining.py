@@ -2,7 +2,7 @@
 
 At full scale the keyframe tokenizer's frozen backbone is the released EVA-CLIP ViT-g/14, trained on billions
 of image-text pairs. Small runs have no such model offline, and a random ViT's patch features hardly say what
-an object's shape is (linear probes 40-50% on the synthetic corpus, chance 25%), so no tokenizer can pass it on.
+an object's shape is (held-out probes barely above chance; docs/measurements.md), so no tokenizer can pass it on.
 This objective trains a ViT of the tokenizer's sizes on local image-caption pairs (VirTex-style, without a text
 decoder): the patch tokens, layer-normed and pooled by mean and max, predict which caption words occur
 (multi-label, one logistic output per hashed word bucket, no word list to build or ship):
@@ -11,9 +11,7 @@ decoder): the patch tokens, layer-normed and pooled by mean and max, predict whi
     loss   = sum_buckets BCE(logits, 1[bucket holds a caption word]) averaged over images
 
 The patch tokens are what the tokenizer reads, so pooling them (rather than the cls token) puts the picture's
-content into them. On the synthetic stills (2048 training images, 128 held out, 1 CPU thread) a patch-7 ViT
-of width 32 reached 0.97 held-out shape accuracy after 3000 steps at lr 5e-3 in a scratch run (0.44 after
-1500 at 2e-3).
+content into them (what a small ViT reaches on the synthetic stills: docs/measurements.md).
 
 The export is the ViT alone (``save_export``: ``{name}.safetensors`` in ``EvaViT``'s own state-dict layout,
 which ``EvaViT.load_backbone_weights`` reads strictly, plus ``{name}.json``): the keyframe tokenizer takes it

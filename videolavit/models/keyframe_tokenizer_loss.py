@@ -24,9 +24,9 @@ readable from the object's *untrained* code, is at chance after training). Three
   patches' ViT features (centred on the batch mean). The quantizer's codes then cluster what the ViT tells
   apart (an object's colour) instead of whatever helps the decoder most.
 
-Measured on the tiny corpus (``benchmarks/keyframe_code_probe.py``, held-out linear probes on the codes):
-the selector prior and the similarity term together take the object's colour from chance to ~55-70% and
-the background tint from ~50% to ~85%; deviation weighting, alone or with them, did not help there.
+On the tiny corpus the selector prior and the similarity term together make the object's colour and the
+background tint readable from the codes; deviation weighting did not help there (held-out probes,
+``benchmarks/keyframe_code_probe.py``; figures in docs/measurements.md).
 
 Each term is reported under its own name in the dict :func:`keyframe_tokenizer_loss` returns;
 ``reconstruction`` is always the paper's unweighted term so runs stay comparable.

@@ -1,4 +1,4 @@
-"""The keyframe U-Net of g_I: a diffusers ``UNet2DConditionModel`` in the SDXL layout (DESIGN §6).
+"""The keyframe U-Net of g_I: a diffusers ``UNet2DConditionModel`` in the SDXL layout (docs/design.md §6).
 
 SDXL conditions on two text encoders: a token sequence (768 ‖ 1280 = 2048-d per token) read by cross-attention,
 and a pooled 1280-d vector added to the timestep embedding together with six "micro-conditioning" sizes

@@ -1,6 +1,6 @@
 """Where the detokenizers diffuse: a frozen VAE's latent space at scale, raw pixels for small runs.
 
-Both U-Nets (keyframe g_I and video g_V, DESIGN §6-7) only see ``encode``/``decode`` and the channel count
+Both U-Nets (keyframe g_I and video g_V, docs/design.md §6-7) only see ``encode``/``decode`` and the channel count
 and down-sampling factor, so the same stage code trains on SD/SVD latents on a cluster and on 32×32 pixels
 on a laptop. Images are float in [-1, 1], [N, 3, H, W]; latents are [N, C, H/f, W/f] scaled to unit-ish
 variance (the VAE's ``scaling_factor``), which is what the EDM preconditioning's ``sigma_data`` assumes.

@@ -1,4 +1,4 @@
-"""Motion-condition encoder: the video U-Net's cross-attention context from the motion field (DESIGN 7).
+"""Motion-condition encoder: the video U-Net's cross-attention context from the motion field (docs/design.md §7).
 
 The same space-time transformer blocks as the motion tokenizer but without down-sampling, so every
 macroblock of every frame yields one context token: [b, 2, 24, 16, 16] -> [b, 24, 256, 1024], used

@@ -11,7 +11,7 @@ Variants are configuration, not code branches (see ``MotionTokenizerConfig.prese
   names match the public release so its checkpoint loads strictly (``load_release_state_dict``).
 * ``paper256`` / ``paper64``: 24x16x16 input, 3-D average pooling -> 4x8x8 = 256 or 4x4x4 = 64 tokens.
 
-The model consumes the tokenizer-scaled motion field (standardised vectors x10, DESIGN 4) and does not
+The model consumes the tokenizer-scaled motion field (standardised vectors x10, docs/design.md §4) and does not
 normalise it.
 
 Initialisation: std 0.02 / zero bias everywhere (blocks, convs, task heads; the release lineage) except

@@ -1,4 +1,4 @@
-"""The video detokenizer g_V (DESIGN §7, paper §3.2 eq. 3): a keyframe plus a motion field -> a video clip.
+"""The video detokenizer g_V (docs/design.md §7, paper §3.2 eq. 3): a keyframe plus a motion field -> a video clip.
 
 Three parts: the motion-condition encoder turns the clip's motion field into per-frame context tokens; the
 3-D U-Net (``VideoUNet``) sees each frame's noisy latent next to the keyframe latent and the motion field

@@ -1,4 +1,4 @@
-"""The video detokenizer's 3-D U-Net (DESIGN §7): SVD img2vid-xt's layout with per-frame motion context.
+"""The video detokenizer's 3-D U-Net (docs/design.md §7): SVD img2vid-xt's layout with per-frame motion context.
 
 The network is diffusers' ``UNetSpatioTemporalConditionModel`` with the same modules and parameter names,
 so Stable Video Diffusion weights load into it (``load_svd_unet_weights``). Two things differ, both in the
@@ -275,7 +275,7 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
 
 # ---- SVD weights ---------------------------------------------------------------------------------
 
-FRESH_PATTERNS = ("conv_in.", ".attn2.")  # trained from scratch (DESIGN §7): the input layer, cross-attention
+FRESH_PATTERNS = ("conv_in.", ".attn2.")  # trained from scratch (docs/design.md §7): the input layer, cross-attention
 
 
 class SvdLoadReport(NamedTuple):

@@ -1,15 +1,15 @@
 """Still images of a moving-shapes corpus: its image-text pairs and image conversations.
 
-Video-LaVIT pre-trains on image-text pairs next to video-text pairs (DESIGN §7: weights 1.0 / 0.5 / 0.3
-for video-text / image-text / text) and instruction-tunes on LLaVA image conversations next to video ones.
+Video-LaVIT pre-trains on image-text pairs next to video-text pairs (docs/design.md §8) and instruction-tunes
+on LLaVA image conversations next to video ones.
 The moving-shapes corpus gets the same two image sources from its own videos: evenly spaced frames of every
 video, rendered without the H.264 round trip, each captioned by what a still shows (colour, shape and
 background; not the direction) and asked about its shape and colour.
 
-Why the tiny chain needs them: a video costs ~150 LLM tokens of which ~12 are keyframe codes and one or two
-of those show the object, so 256 videos give the tiny LLM too few examples of "these codes mean red" to
-learn it; the LLM memorises the training videos instead (held-out colour at chance while a linear probe on
-the same codes reads 85%). A still is ~8 codes plus a caption, so a packed row holds a dozen of them.
+Why the tiny chain needs them: in a video's LLM tokens only a few keyframe codes show the object, so a small
+corpus of videos gives the tiny LLM too few examples of "these codes mean red" and it memorises the training
+videos instead; a still is a handful of codes plus a caption, so a packed row holds many of them (figures in
+docs/measurements.md).
 
 Layout added to the corpus directory by :func:`write_stills`::
 
@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from videolavit.synth.moving_shapes import VideoSpec, _background, _write_text_atomic, render_frame
+from videolavit.atomic_files import atomic_file, write_text_atomic
+from videolavit.synth.shape_plan import VideoSpec
+from videolavit.synth.shape_render import render_background, render_frame
 
 IMAGE_DIR = "images"
 IMAGE_TEXT_FILE = "image_text.jsonl"
@@ -77,9 +79,8 @@ def still_conversations(spec: VideoSpec, frame_index: int, image: str) -> list[d
 def _write_png(path: Path, pixels: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
 
 
 def write_stills(out_dir: str | os.PathLike, specs: Sequence[VideoSpec], per_video: int) -> int:
@@ -95,10 +96,10 @@ def write_stills(out_dir: str | os.PathLike, specs: Sequence[VideoSpec], per_vid
             name = f"{IMAGE_DIR}/{spec.videoid}_{frame_index:03d}.png"
             if not (out_dir / name).is_file():
                 if background is None:
-                    background = _background(spec)
+                    background = render_background(spec)
                 _write_png(out_dir / name, render_frame(spec, frame_index, background))
             pairs.append({"image": name, "caption": still_caption(spec, frame_index)})
             conversations.extend(still_conversations(spec, frame_index, name))
-    _write_text_atomic(out_dir / IMAGE_TEXT_FILE, "".join(json.dumps(p) + "\n" for p in pairs))
-    _write_text_atomic(out_dir / IMAGE_QA_FILE, json.dumps(conversations, indent=1) + "\n")
+    write_text_atomic(out_dir / IMAGE_TEXT_FILE, "".join(json.dumps(p) + "\n" for p in pairs))
+    write_text_atomic(out_dir / IMAGE_QA_FILE, json.dumps(conversations, indent=1) + "\n")
     return len(pairs)

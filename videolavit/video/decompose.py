@@ -1,4 +1,4 @@
-"""Decompose a video into the Video-LaVIT representation (paper §3.1; DESIGN §4).
+"""Decompose a video into the Video-LaVIT representation (paper §3.1; docs/design.md §4).
 
 Any FFmpeg-readable video is resampled to 6 fps and re-encoded with MPEG-4 Part 2 (GOP 12, no
 B-frames, no scene-cut I-frames), so the stream is I P×11 I P×11 …; decoding the re-encode with
@@ -64,7 +64,7 @@ class DecomposedVideo:
         return np.flatnonzero(self.frame_types == I_FRAME).tolist()
 
     def metadata(self) -> dict:
-        """The JSON metadata stored with a shard sample (DESIGN §3)."""
+        """The JSON metadata stored with a shard sample (docs/design.md §3)."""
         return {
             "width": self.width,
             "height": self.height,

@@ -1,6 +1,6 @@
 """Which way does the content of a (generated) clip move? Measured with our own MPEG-4 decomposition.
 
-The learning checks of the detokenizer and of text-to-video (DESIGN §11) compare the direction of motion
+The learning checks of the detokenizer and of text-to-video (docs/design.md §11) compare the direction of motion
 in a generated clip with the direction it was asked for. We re-encode the frames exactly as ``prepare``
 does (6 fps MPEG-4 Part 2, GOP 12, no B-frames) and average the encoder's raw motion vectors, weighted
 by how far they move: static background blocks carry zero vectors and drop out, so the estimate is the
