@@ -278,7 +278,7 @@ def test_two_ddp_ranks_skip_together_when_one_sees_a_nan(prepared_shards, tmp_pa
 
 @pytest.mark.slow
 def test_fsdp2_ranks_skip_together_when_one_shard_of_a_gradient_is_nan(prepared_shards, cli_inputs, tmp_path):
-    config = pretrain_config(tmp_path, prepared_shards, cli_inputs, devices=2, limit_val_batches=1,
+    config = pretrain_config(tmp_path, cli_inputs["tokens"], cli_inputs, devices=2, limit_val_batches=1,
                              strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                                        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
