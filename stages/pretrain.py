@@ -38,7 +38,8 @@ number of forward passes: give every rank the same number of validation batches 
 
 **Export** (``export_dir``, at the end of ``fit``; or ``export(dir)``): ``save_pretrained`` of the model
 (full state dict gathered from the shards first) and the tokenizer, plus ``videolavit_vocabulary.json``;
-``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads it as is (``use_cache`` back on).
+``transformers.AutoModelForCausalLM.from_pretrained(dir, dtype="auto")`` loads it as is (``use_cache`` back
+on; without ``dtype`` transformers 4.x upcasts to float32).
 """
 
 from __future__ import annotations
