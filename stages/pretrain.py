@@ -46,7 +46,8 @@ number of forward passes: give every rank the same number of validation batches 
 **Export** (``export_dir``, at the end of ``fit``; or ``export(dir)``, on every rank): one parameter at a
 time is gathered and handed to rank 0, which keeps it in ``export_dtype`` until its safetensors file
 (about 2 GB each, with an index) is written; then config, tokenizer and ``videolavit_vocabulary.json``.
-``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads it as is (``use_cache`` back on).
+``transformers.AutoModelForCausalLM.from_pretrained(dir, dtype="auto")`` loads it as is (``use_cache`` back
+on; without ``dtype`` transformers 4.x upcasts to float32).
 """
 
 from __future__ import annotations

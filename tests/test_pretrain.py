@@ -171,7 +171,8 @@ def test_held_out_caption_loss_drops_with_training(tokenizer_dir):
 def test_export_in_bfloat16(tokenizer_dir, tmp_path):
     stage = make_stage(tokenizer_dir, export_dtype="bfloat16")
     stage.export(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    # dtype="auto": the stored dtype (transformers 5's default; 4.x upcasts to float32 without it)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, dtype="auto")
     assert model.dtype == torch.bfloat16
     assert torch.equal(model.lm_head.weight, stage.llm.lm_head.weight.detach().to(torch.bfloat16))
 
