@@ -213,6 +213,16 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
+def drop_source_path(folder: str | Path) -> None:
+    """Remove ``_name_or_path`` (where the model was once loaded from: an absolute path) from the
+    ``config.json`` a diffusers ``save_pretrained`` wrote: exports name no path outside themselves."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if "_name_or_path" in config:
+        config.pop("_name_or_path")
+        write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_diffusers_subfolder(model: torch.nn.Module, directory: str | Path, subfolder: str) -> Path:
     """``model.save_pretrained`` (a diffusers ``ModelMixin``) into ``directory/subfolder``, replacing it whole.
 
@@ -230,6 +240,7 @@ def save_diffusers_subfolder(model: torch.nn.Module, directory: str | Path, subf
     old = directory / f".{subfolder}.{secrets.token_hex(6)}.old"
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        drop_source_path(tmp)
         if final.exists():
             final.rename(old)
         tmp.rename(final)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from videolavit.metrics.weights import require_directory
+from videolavit.models.export import drop_source_path
 
 
 def images_to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -156,6 +157,7 @@ class LatentSpaceReferenceError(ValueError):
 
 
 def export_latent_space(space: LatentSpace | dict, directory: str | Path) -> dict:
+
     """The latent-space record an export in ``directory`` keeps: no absolute path in it.
 
     A VAE latent space's VAE goes to ``directory/vae`` through the VAE's own ``save_pretrained`` (unless the
@@ -177,6 +179,7 @@ def export_latent_space(space: LatentSpace | dict, directory: str | Path) -> dic
         vae = space.vae if isinstance(space, VaeLatentSpace) else build_latent_space(spec).vae
         target.parent.mkdir(parents=True, exist_ok=True)
         vae.save_pretrained(str(target), safe_serialization=True)
+        drop_source_path(target)
     args.update(path=VAE_SUBFOLDER, subfolder=None)
     return {**spec, "init_args": args}
 
