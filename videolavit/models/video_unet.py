@@ -30,6 +30,7 @@ and the state-dict layout stays SVD's.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -193,7 +194,8 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
     A diffusers ``ModelMixin``/``ConfigMixin`` whose registered config is :class:`VideoUNetConfig`'s fields:
     ``save_pretrained`` writes them to ``config.json`` and ``VideoUNet.from_pretrained(folder)`` rebuilds the
     network. Build it as ``VideoUNet(video_unet_config)`` or ``VideoUNet(**fields)``; ``video_config`` holds the
-    :class:`VideoUNetConfig` (``config`` is diffusers' frozen dict of the same fields).
+    :class:`VideoUNetConfig` (``config`` is diffusers' frozen dict of the same fields), ``svd_config`` the config
+    of the stock ``UNetSpatioTemporalConditionModel`` with the same parameters (an SVD ``unet/config.json``).
     """
 
     @register_to_config
@@ -224,7 +226,7 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
         if len(config.num_attention_heads) != len(config.block_out_channels):
             raise ValueError(f"{len(config.num_attention_heads)} attention head counts for "
                              f"{len(config.block_out_channels)} resolution levels")
-        super().__init__(
+        svd = dict(
             in_channels=config.in_channels,
             out_channels=config.out_channels,
             down_block_types=config.down_block_types,
@@ -237,6 +239,9 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
             transformer_layers_per_block=config.transformer_layers_per_block,
             num_attention_heads=config.num_attention_heads,
         )
+        super().__init__(**svd)
+        stock = inspect.signature(UNetSpatioTemporalConditionModel.__init__).parameters
+        self.svd_config = {k: v for k, v in self._internal_dict.items() if k in stock and k != "self"}
         # what save_pretrained writes and from_pretrained passes back: our fields alone (not the parent's arguments,
         # nor a VideoUNetConfig given positionally)
         self._internal_dict = FrozenDict(dataclasses.asdict(config))
