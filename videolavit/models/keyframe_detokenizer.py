@@ -447,6 +447,7 @@ class KeyframeDetokenizer(nn.Module):
 
 UNET_SUBFOLDER = "unet"  # diffusers UNet2DConditionModel.save_pretrained layout
 SCHEDULER_SUBFOLDER = "scheduler"
+UNET_PREFIX = "unet.net."  # the U-Net's keys in the detokenizer's state dict
 
 
 def diffusers_scheduler_config(diffusion: KeyframeDiffusionConfig) -> dict:
@@ -499,9 +500,6 @@ def save_keyframe_detokenizer(model: KeyframeDetokenizer, directory: str | Path,
     extra = {"latent_space": export_latent_space(latent_space, directory), "unet": UNET_SUBFOLDER,
              "scheduler": SCHEDULER_SUBFOLDER, "keyframe_tokenizer": relative_paths(provenance or {}, directory)}
     return save_export(model, directory, name, model.config, extra=extra, exclude=(UNET_PREFIX,))
-
-
-UNET_PREFIX = "unet.net."  # the U-Net's keys in the detokenizer's state dict
 
 
 def read_keyframe_detokenizer(directory: str | Path, name: str = EXPORT_NAME
