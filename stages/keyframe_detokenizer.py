@@ -25,7 +25,8 @@ image is conditioned on the codes of the image half a batch away: the learning c
 the codes tell the U-Net about the image) and, on up to ``val_samples`` images per rank, ``val/psnr`` (dB,
 sampled reconstructions from the ids vs the inputs at ``image_size``). ``sample_videos``
 returns the reconstructions as 1-frame videos (``callbacks.video_samples.VideoSampleLogger``). Export at the
-end of ``fit``: ``keyframe_detokenizer`` in ``export_dir`` (load with
+end of ``fit``: ``keyframe_detokenizer.*`` with ``unet/`` (diffusers' ``UNet2DConditionModel``), ``scheduler/``
+and ``vae/`` (a VAE latent space) in ``export_dir`` (load with
 ``videolavit.models.keyframe_detokenizer.load_keyframe_detokenizer``).
 """
 
@@ -303,5 +304,4 @@ class KeyframeDetokenizerStage(StageModule):
     def export(self, directory: str | Path) -> None:
         if self.detokenizer is None:
             raise RuntimeError("nothing to export: the keyframe detokenizer was never built (no init_from)")
-        save_keyframe_detokenizer(self.detokenizer, directory, latent_space_spec(self.latent_space),
-                                  provenance=dict(self.source or {}))
+        save_keyframe_detokenizer(self.detokenizer, directory, self.latent_space, provenance=dict(self.source or {}))

@@ -37,6 +37,7 @@ from videolavit.models.video_detokenizer import (
     VideoDetokenizer,
     VideoDetokenizerConfig,
     VideoDetokenizerSpec,
+    read_video_detokenizer,
     save_video_detokenizer,
 )
 from videolavit.models.video_unet import load_svd_unet_weights
@@ -61,7 +62,8 @@ class VideoDetokenizerStage(StageModule):
         sample_steps / sample_guidance: the sampler used for ``sample_videos`` and the direction check.
         direction_clips: validation clips reconstructed for ``val/direction_agreement`` (0: off).
         val_seed: base seed of validation noise and sampling.
-        export_dir: where ``fit`` writes ``video_detokenizer.safetensors`` + ``.json`` at the end.
+        export_dir: where ``fit`` writes ``video_detokenizer.safetensors`` + ``.json`` and ``unet/``,
+            ``scheduler/`` (and ``vae/`` for a VAE latent space) at the end.
         max_nonfinite_steps: non-finite optimizer steps in a row that stop ``fit`` (``StageModule``).
     """
 
@@ -169,7 +171,7 @@ class VideoDetokenizerStage(StageModule):
             self._check_ready()
 
     def _load_weights_from(self, directory: str) -> None:
-        state, _ = read_export(directory, EXPORT_NAME)
+        state, _ = read_video_detokenizer(directory)
         ours = self.model.state_dict()
         missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
         mismatched = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
@@ -292,4 +294,4 @@ class VideoDetokenizerStage(StageModule):
                                "through a trainer with the video view, or call check_view(view) first")
         spec = VideoDetokenizerSpec(latent_space=self.latent_space_config, motion_source=self.motion_source,
                                     **self.data_spec)
-        save_video_detokenizer(self.model, directory, spec)
+        save_video_detokenizer(self.model, directory, spec, latent_space=self.latent_space)

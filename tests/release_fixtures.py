@@ -186,7 +186,8 @@ def fabricate_release(root: Path) -> dict:
     video = root / "video_detokenizer"
     g_v = VideoDetokenizer(gv_config()).eval()
     _save_bin(g_v.state_dict(), video / "unet" / "video_3d_unet.bin")
-    (video / "unet" / "config.json").write_text(json.dumps(dict(g_v.unet.config)))
+    (video / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNetSpatioTemporalConditionModel",
+                                                             **g_v.unet.svd_config}))
     (video / "scheduler").mkdir(parents=True)
     (video / "scheduler" / "scheduler_config.json").write_text(json.dumps({
         "_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",

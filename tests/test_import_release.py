@@ -70,6 +70,23 @@ def test_detokenizers_compute_what_the_source_modules_compute(release, exports):
     assert build_latent_space(space).temporal_decoder
 
 
+def test_imported_detokenizers_are_diffusers_directories_without_absolute_paths(release, exports):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from videolavit.models.video_unet import VideoUNet
+
+    _, made = release
+    unet = UNet2DConditionModel.from_pretrained(str(exports / "keyframe_detokenizer" / "unet")).eval()
+    source = made["image_unet"].net.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in unet.state_dict().items())
+    assert DDIMScheduler.from_pretrained(str(exports / "keyframe_detokenizer" / "scheduler")).config.set_alpha_to_one is False
+    video_unet = VideoUNet.from_pretrained(str(exports / "video_detokenizer" / "unet"))
+    assert video_unet.video_config.temporal_context_resize == "nearest"  # the release behaviour
+    for name in ("keyframe_detokenizer", "video_detokenizer"):
+        texts = [p.read_text() for p in (exports / name).rglob("*.json")]
+        assert texts and not [t for t in texts if str(exports) in t or '"/' in t], name
+
+
 def test_llms_get_safetensors_a_fast_tokenizer_and_the_release_vocabulary(release, exports):
     from videolavit.inference.video_chat import load_llm, read_llm_vocabulary
     from videolavit.llm.text_tokenizer import load_text_tokenizer

@@ -8,6 +8,11 @@ dataclasses), never imported by name: a JSON naming anything else is an :class:`
 and the config is plain JSON data given to the registered config dataclass. Nothing non-finite is ever
 written (a NaN model must not replace a good export), and files are written atomically
 (``videolavit.atomic_files``) with normal permissions.
+
+The detokenizers export as diffusers-style directories: their U-Net in a ``unet/`` subfolder written by
+the U-Net's own ``save_pretrained`` (:func:`save_diffusers_subfolder`, read back with
+:func:`read_diffusers_weights`), everything else in the registry-checked ``{name}.safetensors`` + ``.json``
+(``save_export(..., exclude=("unet.",))``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +128,12 @@ def write_export(directory: str | Path, name: str, state: dict[str, torch.Tensor
 
 
 def save_export(module: torch.nn.Module, directory: str | Path, name: str, config: Any,
-                extra: dict | None = None) -> Path:
+                extra: dict | None = None, exclude: tuple[str, ...] = ()) -> Path:
     """Write ``{directory}/{name}.safetensors`` and ``{directory}/{name}.json``; returns the weights path.
 
     ``module`` must be one of :data:`EXPORTABLE`, constructible as ``type(module)(config_class(**config))``;
-    its class path is recorded so ``load_export`` can rebuild it.
+    its class path is recorded so ``load_export`` can rebuild it. Tensors whose names start with one of
+    ``exclude`` are left out (written elsewhere, e.g. a U-Net's ``save_pretrained`` subfolder).
     """
     cls = type(module)
     model_path = class_path(cls)
@@ -133,7 +141,8 @@ def save_export(module: torch.nn.Module, directory: str | Path, name: str, confi
     if dataclasses.is_dataclass(config) and not isinstance(config, config_cls):
         raise UnregisteredClassError(f"save_export('{name}'): {model_path} takes a {class_path(config_cls)}, "
                                      f"got a {class_path(type(config))}")
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()
+             if not (exclude and k.startswith(exclude))}
     meta = {
         "format_version": FORMAT_VERSION,
         "class_path": model_path,
@@ -196,3 +205,106 @@ def load_export(directory: str | Path, name: str, map_location: str | torch.devi
             f"missing={sorted(missing)[:8]} unexpected={sorted(unexpected)[:8]}"
         )
     return model.to(map_location)
+
+
+# ---- diffusers subfolders ------------------------------------------------------------------------------
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def drop_source_path(folder: str | Path) -> None:
+    """Remove ``_name_or_path`` (where the model was once loaded from: an absolute path) from the
+    ``config.json`` a diffusers ``save_pretrained`` wrote: exports name no path outside themselves."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if "_name_or_path" in config:
+        config.pop("_name_or_path")
+        write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_diffusers_subfolder(model: torch.nn.Module, directory: str | Path, subfolder: str) -> Path:
+    """``model.save_pretrained`` (a diffusers ``ModelMixin``) into ``directory/subfolder``, replacing it whole.
+
+    Refuses a model with NaN/Inf tensors (:class:`NonFiniteExportError`, nothing written). The new folder is
+    written next to the old one and swapped in, so a failed write leaves the previous one as it was.
+    """
+    directory = Path(directory)
+    bad = non_finite_tensors(dict(model.state_dict()))
+    if bad:
+        raise NonFiniteExportError(f"refusing to export '{subfolder}' to {directory}: {len(bad)} tensor(s) hold NaN "
+                                   f"or Inf ({', '.join(bad[:8])}); the previous export, if any, is left as it was")
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / subfolder
+    tmp = directory / f".{subfolder}.{secrets.token_hex(6)}.partial"
+    old = directory / f".{subfolder}.{secrets.token_hex(6)}.old"
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        drop_source_path(tmp)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+DIFFUSERS_SCHEDULERS = ("DDIMScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "EDMEulerScheduler")
+
+
+def save_diffusers_scheduler(config: dict, directory: str | Path, subfolder: str = "scheduler") -> Path:
+    """``directory/subfolder/scheduler_config.json`` through the diffusers scheduler's own ``save_pretrained``
+    (``config["_class_name"]`` one of :data:`DIFFUSERS_SCHEDULERS`)."""
+    import diffusers
+
+    name = config.get("_class_name")
+    if name not in DIFFUSERS_SCHEDULERS:
+        raise ExportError(f"scheduler {name!r} is not one of {DIFFUSERS_SCHEDULERS}")
+    scheduler = getattr(diffusers, name).from_config({k: v for k, v in config.items() if k != "_class_name"})
+    target = Path(directory) / subfolder
+    scheduler.save_pretrained(str(target))
+    return target
+
+
+def read_diffusers_config(directory: str | Path) -> dict:
+    """``config.json`` of a diffusers ``save_pretrained`` folder, or :class:`ExportError`."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ExportError(f"{directory} is not a diffusers model folder: {path} does not exist; re-export it")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read {path} as JSON ({exc}); re-export it") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{path} is not a JSON object; re-export it")
+    return config
+
+
+def read_diffusers_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a diffusers ``save_pretrained`` folder (one safetensors file or a sharded index).
+
+    Only safetensors are read (nothing is unpickled); missing or broken files are :class:`ExportError`.
+    """
+    directory = Path(directory)
+    if (directory / DIFFUSERS_WEIGHTS).is_file():
+        files = [directory / DIFFUSERS_WEIGHTS]
+    elif (directory / DIFFUSERS_INDEX).is_file():
+        try:
+            weight_map = json.loads((directory / DIFFUSERS_INDEX).read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ExportError(f"{directory / DIFFUSERS_INDEX} is not a weight index ({exc}); re-export it") from None
+        if any(not isinstance(n, str) or Path(n).name != n for n in names):
+            raise ExportError(f"{directory / DIFFUSERS_INDEX} names shards outside {directory}; re-export it")
+        files = [directory / n for n in names]
+    else:
+        raise ExportError(f"no weights in {directory}: expected {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} "
+                          "(a diffusers save_pretrained folder); re-export it")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ExportError(f"{path} is missing, truncated or not a safetensors file ({exc}); re-export it") from None
+    return state

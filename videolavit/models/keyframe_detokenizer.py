@@ -29,14 +29,19 @@ kept. Images may be non-square (``image_size`` [height, width], e.g. the release
 condition to that same zero branch with probability ``condition_dropout`` so guidance has something to push
 against.
 
-Exports (:func:`save_keyframe_detokenizer` / :func:`load_keyframe_detokenizer`): one safetensors file with
-everything needed from code ids to latents (codebook, whole feature decoder, U-Net) and a JSON holding the
-:class:`KeyframeDetokenizerConfig` plus ``extra.latent_space`` (class path and arguments of the latent space the
-U-Net was trained in; :func:`build_latent_space` rebuilds it) and ``extra.keyframe_tokenizer`` (provenance).
+Exports (:func:`save_keyframe_detokenizer` / :func:`load_keyframe_detokenizer`) are diffusers-style directories:
+``unet/`` (``UNet2DConditionModel.from_pretrained`` loads it), ``scheduler/``, ``vae/`` (when the latent space is a
+VAE), and ``keyframe_detokenizer.{safetensors,json}`` with the codebook and feature decoder, the
+:class:`KeyframeDetokenizerConfig` and ``extra.latent_space`` (class path and arguments of the latent space the
+U-Net was trained in, paths relative to the export; :func:`build_latent_space` rebuilds it) and
+``extra.keyframe_tokenizer`` (provenance). Single-file exports of earlier versions (the U-Net inside
+``keyframe_detokenizer.safetensors``) still load.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -58,9 +63,26 @@ from videolavit.diffusion.guidance import ConstantGuidance, GuidedDenoiser, unco
 from videolavit.diffusion.ddim import ddim_sample
 from videolavit.diffusion.samplers import EulerAncestralSampler, EulerSampler, KarrasSchedule, initial_latents
 from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
-from videolavit.models.export import ExportError, check_export_class, read_export, save_export
+from videolavit.models.export import (
+    ExportError,
+    NonFiniteExportError,
+    check_export_class,
+    non_finite_tensors,
+    read_diffusers_config,
+    read_diffusers_weights,
+    read_export,
+    save_diffusers_scheduler,
+    save_diffusers_subfolder,
+    save_export,
+)
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoder, KeyframeFeatureDecoderConfig
 from videolavit.models.keyframe_unet import KeyframeUNet, KeyframeUNetConfig, time_ids
+from videolavit.models.latent_space import (
+    LatentSpace,
+    LatentSpaceReferenceError,
+    export_latent_space,
+    resolve_latent_space,
+)
 from videolavit.models.vector_quantizer import Codebook
 
 EXPORT_NAME = "keyframe_detokenizer"
@@ -423,27 +445,111 @@ class KeyframeDetokenizer(nn.Module):
 
 # ---- exports -----------------------------------------------------------------------------------------
 
-def save_keyframe_detokenizer(model: KeyframeDetokenizer, directory: str | Path, latent_space: dict,
-                              provenance: dict | None = None, name: str = EXPORT_NAME) -> Path:
-    """Write ``{name}.safetensors`` (codebook, feature decoder, U-Net) and ``{name}.json``; returns the weights path.
+UNET_SUBFOLDER = "unet"  # diffusers UNet2DConditionModel.save_pretrained layout
+SCHEDULER_SUBFOLDER = "scheduler"
+UNET_PREFIX = "unet.net."  # the U-Net's keys in the detokenizer's state dict
 
-    ``latent_space``: :func:`latent_space_spec` of the space the U-Net was trained in.
+
+def diffusers_scheduler_config(diffusion: KeyframeDiffusionConfig) -> dict:
+    """The diffusers scheduler config that samples like ``diffusion`` (written to ``scheduler/`` for diffusers
+    users; our own sampling reads the JSON's diffusion config)."""
+    if diffusion.discrete:
+        prediction = "epsilon" if diffusion.scaling == "eps_discrete" else "v_prediction"
+        base = dict(diffusion.scheduler) if diffusion.scheduler else {
+            **SDXL_DDIM, "_class_name": "EulerAncestralDiscreteScheduler" if diffusion.sampler == "euler_ancestral"
+            else "DDIMScheduler"}
+        return {**base, "num_train_timesteps": diffusion.num_train_timesteps, "beta_start": diffusion.beta_start,
+                "beta_end": diffusion.beta_end, "beta_schedule": diffusion.beta_schedule, "prediction_type": prediction}
+    sigma_min = diffusion.sigma_min if diffusion.sigma_min is not None else 0.002
+    sigma_max = diffusion.sigma_max if diffusion.sigma_max is not None else 80.0
+    if diffusion.scaling == "edm":
+        return {"_class_name": "EDMEulerScheduler", "sigma_min": sigma_min, "sigma_max": sigma_max,
+                "sigma_data": diffusion.sigma_data, "rho": diffusion.rho, "prediction_type": "epsilon"}
+    return {"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction", "use_karras_sigmas": True,
+            "sigma_min": sigma_min, "sigma_max": sigma_max, "timestep_type": "continuous"}
+
+
+def relative_paths(record: dict, directory: str | Path) -> dict:
+    """``record`` with every absolute path string made relative to ``directory``: exports name no absolute path."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, str) and value.startswith("/"):
+            value = os.path.relpath(value, Path(directory).resolve())
+        out[key] = value
+    return out
+
+
+def save_keyframe_detokenizer(model: KeyframeDetokenizer, directory: str | Path, latent_space: dict | LatentSpace,
+                              provenance: dict | None = None, name: str = EXPORT_NAME) -> Path:
+    """Write the diffusers-style export directory; returns the path of ``{name}.safetensors``.
+
+    ``unet/``: the U-Net by ``UNet2DConditionModel.save_pretrained`` (diffusers loads it alone);
+    ``scheduler/``: the matching diffusers scheduler; ``vae/``: the VAE when the latent space is one
+    (``export_latent_space``); ``{name}.safetensors`` + ``.json``: codebook and feature decoder, the
+    :class:`KeyframeDetokenizerConfig` and ``extra`` (``latent_space`` with relative paths only, ``unet``,
+    ``scheduler``, ``keyframe_tokenizer`` provenance). ``latent_space``: the space the U-Net was trained in
+    (or its :func:`latent_space_spec`). Nothing is written when a tensor is not finite.
     """
-    extra = {"latent_space": latent_space, "keyframe_tokenizer": provenance or {}}
-    return save_export(model, directory, name, model.config, extra=extra)
+    directory = Path(directory)
+    bad = non_finite_tensors(dict(model.state_dict()))
+    if bad:
+        raise NonFiniteExportError(f"refusing to export '{name}' to {directory}: {len(bad)} tensor(s) hold NaN or "
+                                   f"Inf ({', '.join(bad[:8])}); the previous export, if any, is left as it was")
+    save_diffusers_subfolder(model.unet.net, directory, UNET_SUBFOLDER)
+    save_diffusers_scheduler(diffusers_scheduler_config(model.config.diffusion), directory, SCHEDULER_SUBFOLDER)
+    extra = {"latent_space": export_latent_space(latent_space, directory), "unet": UNET_SUBFOLDER,
+             "scheduler": SCHEDULER_SUBFOLDER, "keyframe_tokenizer": relative_paths(provenance or {}, directory)}
+    return save_export(model, directory, name, model.config, extra=extra, exclude=(UNET_PREFIX,))
+
+
+def read_keyframe_detokenizer(directory: str | Path, name: str = EXPORT_NAME
+                              ) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(state_dict of the whole KeyframeDetokenizer, meta)`` of an export, either layout, without building it.
+
+    The diffusers-style directory's ``unet/`` is read back under ``unet.net.``; an old single-file export
+    (everything in ``{name}.safetensors``) is read as it is.
+    """
+    state, meta = read_export(directory, name)
+    check_export_class(meta, KeyframeDetokenizer, f"export '{name}' in {directory}")
+    subfolder = (meta.get("extra") or {}).get("unet")
+    if subfolder is None:  # the single-file layout
+        return state, meta
+    if subfolder != UNET_SUBFOLDER:
+        raise ExportError(f"{directory}/{name}.json names U-Net folder {subfolder!r}; the only one it may name is "
+                          f"{UNET_SUBFOLDER!r}")
+    if any(k.startswith(UNET_PREFIX) for k in state):
+        raise ExportError(f"{directory}/{name}.safetensors holds U-Net tensors although the U-Net is in {subfolder}/; "
+                          "re-export it")
+    unet_dir = Path(directory) / subfolder
+    recorded = read_diffusers_config(unet_dir)
+    try:
+        expected = json.loads(json.dumps(KeyframeUNetConfig(**(meta.get("config") or {}).get("unet", {}))
+                                         .diffusers_config()))
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"export '{name}' in {directory}: its U-Net config is not a KeyframeUNetConfig ({exc})") from None
+    differ = sorted(k for k, v in expected.items() if recorded.get(k) != v)
+    if differ:
+        raise ExportError(f"{unet_dir}/config.json does not match {name}.json's U-Net config: {differ[:8]} differ; "
+                          "re-export it")
+    state.update({UNET_PREFIX + k: v for k, v in read_diffusers_weights(unet_dir).items()})
+    return state, meta
 
 
 def load_keyframe_detokenizer(directory: str | Path, name: str = EXPORT_NAME,
                               map_location: str | torch.device = "cpu") -> KeyframeDetokenizer:
-    """Rebuild an exported keyframe detokenizer (eval mode, on ``map_location``), strictly.
+    """Rebuild an exported keyframe detokenizer (eval mode, on ``map_location``), strictly; both layouts.
 
-    ``model.latent_space_spec`` says which latent space its latents live in; ``build_latent_space`` makes it.
+    ``model.latent_space_spec`` says which latent space its latents live in (a VAE inside the export resolved
+    to its path here); ``build_latent_space`` makes it.
     """
-    state, meta = read_export(directory, name)
+    state, meta = read_keyframe_detokenizer(directory, name)
     source = f"export '{name}' in {directory}"
-    check_export_class(meta, KeyframeDetokenizer, source)
     if not isinstance((meta.get("extra") or {}).get("latent_space"), dict):
         raise ExportError(f"{directory}/{name}.json records no latent space: not a keyframe detokenizer export")
+    try:
+        latent_space = resolve_latent_space(meta["extra"]["latent_space"], directory)
+    except LatentSpaceReferenceError as exc:
+        raise ExportError(str(exc)) from None
     try:
         model = KeyframeDetokenizer(KeyframeDetokenizerConfig(**meta.get("config", {})))
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -452,6 +558,5 @@ def load_keyframe_detokenizer(directory: str | Path, name: str = EXPORT_NAME,
     if missing or unexpected:
         raise ExportError(f"export '{name}' in {directory} does not match the keyframe detokenizer: "
                           f"missing={sorted(missing)[:8]} unexpected={sorted(unexpected)[:8]}")
-    model.latent_space_spec = meta["extra"]["latent_space"]
+    model.latent_space_spec = latent_space
     return model.to(map_location).eval()
-

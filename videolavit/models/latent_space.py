@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from videolavit.metrics.weights import require_directory
+from videolavit.models.export import drop_source_path
 
 
 def images_to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -143,3 +144,62 @@ def build_latent_space(spec: dict, **overrides) -> LatentSpace:
 
 LATENT_SPACES: dict[str, type[LatentSpace]] = {
     f"{cls.__module__}.{cls.__qualname__}": cls for cls in (PixelSpace, VaeLatentSpace)}
+
+
+# ---- in exports ------------------------------------------------------------------------------------
+
+VAE_SUBFOLDER = "vae"  # where a detokenizer export keeps its VAE (diffusers ``save_pretrained`` layout)
+VAE_SPACE = f"{VaeLatentSpace.__module__}.{VaeLatentSpace.__qualname__}"
+
+
+class LatentSpaceReferenceError(ValueError):
+    """An export's latent space names a VAE outside the export directory (or one that is not there)."""
+
+
+def export_latent_space(space: LatentSpace | dict, directory: str | Path) -> dict:
+
+    """The latent-space record an export in ``directory`` keeps: no absolute path in it.
+
+    A VAE latent space's VAE goes to ``directory/vae`` through the VAE's own ``save_pretrained`` (unless the
+    VAE already lives there, e.g. an import copied it) and is recorded as the relative path ``"vae"``;
+    :func:`resolve_latent_space` turns it back into a path on the reading machine.
+    """
+    spec = latent_space_spec(space) if isinstance(space, LatentSpace) else dict(space)
+    if spec.get("class_path") != VAE_SPACE:
+        return spec
+    directory = Path(directory)
+    args = dict(spec.get("init_args") or {})
+    target = (directory / VAE_SUBFOLDER).resolve()
+    source = Path(str(args.get("path") or "")).expanduser()
+    if not source.is_absolute():
+        source = directory / source
+    if args.get("subfolder") and (source / args["subfolder"]).is_dir():
+        source = source / args["subfolder"]
+    if source.resolve() != target:
+        vae = space.vae if isinstance(space, VaeLatentSpace) else build_latent_space(spec).vae
+        target.parent.mkdir(parents=True, exist_ok=True)
+        vae.save_pretrained(str(target), safe_serialization=True)
+        drop_source_path(target)
+    args.update(path=VAE_SUBFOLDER, subfolder=None)
+    return {**spec, "init_args": args}
+
+
+def resolve_latent_space(spec: dict, directory: str | Path) -> dict:
+    """``spec`` as read from an export in ``directory``, its relative VAE path made absolute there.
+
+    Absolute paths (exports written before VAEs moved into the export) are kept as they are; a relative
+    path that leaves ``directory`` is a :class:`LatentSpaceReferenceError`.
+    """
+    if not isinstance(spec, dict) or spec.get("class_path") != VAE_SPACE:
+        return spec
+    args = dict(spec.get("init_args") or {})
+    path = args.get("path")
+    if not isinstance(path, str) or not path or Path(path).is_absolute():
+        return spec
+    root = Path(directory).resolve()
+    resolved = (root / path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise LatentSpaceReferenceError(f"the latent space recorded in {directory} points at {path!r}, outside the "
+                                        "export directory: a VAE reference must stay inside it (re-export it)")
+    args["path"] = str(resolved)
+    return {**spec, "init_args": args}

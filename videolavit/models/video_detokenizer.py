@@ -49,8 +49,25 @@ from videolavit.diffusion.edm import DiffusionLoss, DiffusionLossTerms
 from videolavit.diffusion.guidance import GuidedDenoiser, LinearFrameGuidance, unconditional
 from videolavit.diffusion.samplers import EulerSampler, KarrasSchedule, initial_latents
 from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
-from videolavit.models.export import ExportError, load_export, save_export
-from videolavit.models.latent_space import images_to_unit_range
+from videolavit.models.export import (
+    ExportError,
+    NonFiniteExportError,
+    check_export_class,
+    non_finite_tensors,
+    read_diffusers_config,
+    read_diffusers_weights,
+    read_export,
+    save_diffusers_scheduler,
+    save_diffusers_subfolder,
+    save_export,
+)
+from videolavit.models.latent_space import (
+    LatentSpace,
+    LatentSpaceReferenceError,
+    export_latent_space,
+    images_to_unit_range,
+    resolve_latent_space,
+)
 from videolavit.models.motion_condition_encoder import MotionConditionEncoder, MotionConditionEncoderConfig
 from videolavit.models.video_unet import VideoUNet, VideoUNetConfig
 
@@ -340,12 +357,46 @@ class VideoDetokenizerSpec:
         self.frame_size, self.motion_grid = tuple(self.frame_size), tuple(self.motion_grid)
 
 
-def save_video_detokenizer(model: VideoDetokenizer, directory: str | Path, spec: VideoDetokenizerSpec) -> Path:
-    """Write ``video_detokenizer.safetensors`` + ``.json`` (config and ``spec``) into ``directory``."""
-    return save_export(model, directory, EXPORT_NAME, model.config, extra={"spec": dataclasses.asdict(spec)})
+UNET_SUBFOLDER = "unet"  # VideoUNet.save_pretrained layout
+SCHEDULER_SUBFOLDER = "scheduler"
+UNET_PREFIX = "unet."  # the U-Net's keys in the detokenizer's state dict
+
+
+def diffusers_scheduler_config(config: VideoDetokenizerConfig) -> dict:
+    """The diffusers scheduler that samples like ``config`` (written to ``scheduler/`` for diffusers users; our
+    sampler reads the JSON's config): SVD's Euler scheduler (v-prediction, Karras σ) or EDM's."""
+    if config.scaling == "v":
+        return {"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction", "use_karras_sigmas": True,
+                "sigma_min": config.sigma_min, "sigma_max": config.sigma_max, "timestep_type": "continuous"}
+    return {"_class_name": "EDMEulerScheduler", "sigma_min": config.sigma_min, "sigma_max": config.sigma_max,
+            "sigma_data": config.sigma_data, "rho": config.rho, "prediction_type": "epsilon"}
+
+
+def save_video_detokenizer(model: VideoDetokenizer, directory: str | Path, spec: VideoDetokenizerSpec,
+                           latent_space: LatentSpace | None = None) -> Path:
+    """Write g_V's diffusers-style export directory; returns the path of ``video_detokenizer.safetensors``.
+
+    ``unet/``: the U-Net by ``VideoUNet.save_pretrained`` (``VideoUNet.from_pretrained`` loads it alone);
+    ``scheduler/``: the matching diffusers scheduler; ``vae/``: the VAE when the latent space is one;
+    ``video_detokenizer.{safetensors,json}``: the motion-condition encoder, the config and ``spec`` (its latent
+    space with relative paths only). ``latent_space``: the built space of ``spec.latent_space`` if at hand (its
+    VAE is then saved without loading it again). Nothing is written when a tensor is not finite.
+    """
+    directory = Path(directory)
+    bad = non_finite_tensors(dict(model.state_dict()))
+    if bad:
+        raise NonFiniteExportError(f"refusing to export '{EXPORT_NAME}' to {directory}: {len(bad)} tensor(s) hold "
+                                   f"NaN or Inf ({', '.join(bad[:8])}); the previous export, if any, is left as it was")
+    save_diffusers_subfolder(model.unet, directory, UNET_SUBFOLDER)
+    save_diffusers_scheduler(diffusers_scheduler_config(model.config), directory, SCHEDULER_SUBFOLDER)
+    recorded = export_latent_space(latent_space if latent_space is not None else spec.latent_space, directory)
+    spec = dataclasses.replace(spec, latent_space=recorded)
+    return save_export(model, directory, EXPORT_NAME, model.config, exclude=(UNET_PREFIX,),
+                       extra={"spec": dataclasses.asdict(spec), "unet": UNET_SUBFOLDER, "scheduler": SCHEDULER_SUBFOLDER})
 
 
 def read_video_detokenizer_spec(directory: str | Path) -> VideoDetokenizerSpec:
+    """What the export expects; its latent space's VAE (inside the export) resolved to a path on this machine."""
     path = Path(directory) / f"{EXPORT_NAME}.json"
     if not path.is_file():
         raise ExportError(f"export '{EXPORT_NAME}' is incomplete: {path} does not exist")
@@ -357,18 +408,67 @@ def read_video_detokenizer_spec(directory: str | Path) -> VideoDetokenizerSpec:
     if not isinstance(spec, dict):
         raise ExportError(f"export '{EXPORT_NAME}' in {directory} records no spec (latent space, frame size, ...)")
     try:
-        return VideoDetokenizerSpec(**spec)
+        spec = VideoDetokenizerSpec(**spec)
     except (TypeError, ValueError) as exc:
         raise ExportError(f"export '{EXPORT_NAME}' in {directory}: its spec is not a VideoDetokenizerSpec ({exc})") from None
+    try:
+        spec.latent_space = resolve_latent_space(spec.latent_space, directory)
+    except LatentSpaceReferenceError as exc:
+        raise ExportError(str(exc)) from None
+    return spec
+
+
+def read_video_detokenizer(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(state_dict of the whole VideoDetokenizer, meta)`` of an export, either layout, without building it.
+
+    The diffusers-style directory's ``unet/`` is read back under ``unet.``; an old single-file export
+    (everything in ``video_detokenizer.safetensors``) is read as it is.
+    """
+    state, meta = read_export(directory, EXPORT_NAME)
+    check_export_class(meta, VideoDetokenizer, f"export '{EXPORT_NAME}' in {directory}")
+    subfolder = (meta.get("extra") or {}).get("unet")
+    if subfolder is None:  # the single-file layout
+        return state, meta
+    if subfolder != UNET_SUBFOLDER:
+        raise ExportError(f"{directory}/{EXPORT_NAME}.json names U-Net folder {subfolder!r}; the only one it may name "
+                          f"is {UNET_SUBFOLDER!r}")
+    if any(k.startswith(UNET_PREFIX) for k in state):
+        raise ExportError(f"{directory}/{EXPORT_NAME}.safetensors holds U-Net tensors although the U-Net is in "
+                          f"{subfolder}/; re-export it")
+    unet_dir = Path(directory) / subfolder
+    recorded = read_diffusers_config(unet_dir)
+    try:
+        expected = VideoUNetConfig(**(meta.get("config") or {}).get("unet", {}))
+        theirs = VideoUNetConfig(**{f.name: recorded[f.name] for f in dataclasses.fields(VideoUNetConfig)
+                                    if f.name in recorded})
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{unet_dir}/config.json or {EXPORT_NAME}.json holds no VideoUNetConfig ({exc}); "
+                          "re-export it") from None
+    if theirs != expected:
+        differ = [f.name for f in dataclasses.fields(VideoUNetConfig) if getattr(theirs, f.name) != getattr(expected, f.name)]
+        raise ExportError(f"{unet_dir}/config.json does not match {EXPORT_NAME}.json's U-Net config: {differ[:8]} "
+                          "differ; re-export it")
+    state.update({UNET_PREFIX + k: v for k, v in read_diffusers_weights(unet_dir).items()})
+    return state, meta
 
 
 def load_video_detokenizer(directory: str | Path, map_location: str | torch.device = "cpu"
                            ) -> tuple[VideoDetokenizer, dict]:
-    """Rebuild g_V from a stage export -> (model in eval mode, latent space config for ``build_latent_space``).
+    """Rebuild g_V from a stage export (either layout) -> (model in eval mode, latent space config for
+    ``build_latent_space``).
 
     The rest of what it expects (frame size, clip length, motion grid and scale) is
     ``read_video_detokenizer_spec(directory)``.
     """
     spec = read_video_detokenizer_spec(directory)
-    model = load_export(directory, EXPORT_NAME, map_location=map_location, expected=VideoDetokenizer)
-    return model.eval(), dict(spec.latent_space)
+    state, meta = read_video_detokenizer(directory)
+    source = f"export '{EXPORT_NAME}' in {directory}"
+    try:
+        model = VideoDetokenizer(VideoDetokenizerConfig(**meta.get("config", {})))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ExportError(f"{source} does not build the video detokenizer: {exc}") from None
+    if missing or unexpected:
+        raise ExportError(f"{source} does not match the video detokenizer: missing={sorted(missing)[:8]} "
+                          f"unexpected={sorted(unexpected)[:8]}")
+    return model.to(map_location).eval(), dict(spec.latent_space)

@@ -29,12 +29,15 @@ and the state-dict layout stays SVD's.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.models.transformers.transformer_temporal import (
     TransformerSpatioTemporalModel,
     TransformerTemporalModelOutput,
@@ -182,18 +185,48 @@ class TemporalConv3d(nn.Conv3d):
         return out.reshape(batch, -1, out.shape[2], height, width)
 
 
+_D = VideoUNetConfig  # its field defaults are VideoUNet's constructor defaults
+
+
 class VideoUNet(UNetSpatioTemporalConditionModel):
     """SVD's spatio-temporal U-Net conditioned per frame on motion context (module docstring).
 
-    ``video_config`` holds the ``VideoUNetConfig`` (``config`` is diffusers' own frozen config dict).
+    A diffusers ``ModelMixin``/``ConfigMixin`` whose registered config is :class:`VideoUNetConfig`'s fields:
+    ``save_pretrained`` writes them to ``config.json`` and ``VideoUNet.from_pretrained(folder)`` rebuilds the
+    network. Build it as ``VideoUNet(video_unet_config)`` or ``VideoUNet(**fields)``; ``video_config`` holds the
+    :class:`VideoUNetConfig` (``config`` is diffusers' frozen dict of the same fields), ``svd_config`` the config
+    of the stock ``UNetSpatioTemporalConditionModel`` with the same parameters (an SVD ``unet/config.json``).
     """
 
-    def __init__(self, config: VideoUNetConfig | None = None):
-        config = config or VideoUNetConfig()
+    @register_to_config
+    def __init__(self, latent_channels: int | VideoUNetConfig | None = _D.latent_channels,
+                 motion_channels: int = _D.motion_channels, down_block_types: tuple[str, ...] = _D.down_block_types,
+                 up_block_types: tuple[str, ...] = _D.up_block_types,
+                 block_out_channels: tuple[int, ...] = _D.block_out_channels,
+                 layers_per_block: int = _D.layers_per_block,
+                 transformer_layers_per_block: int = _D.transformer_layers_per_block,
+                 num_attention_heads: tuple[int, ...] = _D.num_attention_heads,
+                 cross_attention_dim: int = _D.cross_attention_dim,
+                 addition_time_embed_dim: int = _D.addition_time_embed_dim,
+                 num_added_time_ids: int = _D.num_added_time_ids, motion_grid: tuple[int, int] = _D.motion_grid,
+                 norm_num_groups: int = _D.norm_num_groups, temporal_context_resize: str = _D.temporal_context_resize):
+        if isinstance(latent_channels, VideoUNetConfig):
+            config = latent_channels
+        elif latent_channels is None:
+            config = VideoUNetConfig()
+        else:
+            config = VideoUNetConfig(
+                latent_channels=latent_channels, motion_channels=motion_channels, down_block_types=down_block_types,
+                up_block_types=up_block_types, block_out_channels=block_out_channels,
+                layers_per_block=layers_per_block, transformer_layers_per_block=transformer_layers_per_block,
+                num_attention_heads=num_attention_heads, cross_attention_dim=cross_attention_dim,
+                addition_time_embed_dim=addition_time_embed_dim, num_added_time_ids=num_added_time_ids,
+                motion_grid=motion_grid, norm_num_groups=norm_num_groups,
+                temporal_context_resize=temporal_context_resize)
         if len(config.num_attention_heads) != len(config.block_out_channels):
             raise ValueError(f"{len(config.num_attention_heads)} attention head counts for "
                              f"{len(config.block_out_channels)} resolution levels")
-        super().__init__(
+        svd = dict(
             in_channels=config.in_channels,
             out_channels=config.out_channels,
             down_block_types=config.down_block_types,
@@ -206,6 +239,12 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
             transformer_layers_per_block=config.transformer_layers_per_block,
             num_attention_heads=config.num_attention_heads,
         )
+        super().__init__(**svd)
+        stock = inspect.signature(UNetSpatioTemporalConditionModel.__init__).parameters
+        self.svd_config = {k: v for k, v in self._internal_dict.items() if k in stock and k != "self"}
+        # what save_pretrained writes and from_pretrained passes back: our fields alone (not the parent's arguments,
+        # nor a VideoUNetConfig given positionally)
+        self._internal_dict = FrozenDict(dataclasses.asdict(config))
         self.video_config = config
         for module in self.modules():
             if type(module) is TransformerSpatioTemporalModel:

@@ -2,8 +2,8 @@
 
 What it writes into ``out`` (what ``TextToVideo.from_directory``, ``chat`` and the stages' ``init_from`` read):
 ``motion_tokenizer.{json,safetensors}``, ``keyframe_tokenizer.{json,safetensors}`` (+ its ViT in
-``keyframe_tokenizer_backbone.safetensors``), ``keyframe_detokenizer/`` (+ the VAE in ``vae/``),
-``video_detokenizer/`` (+ ``vae/``), and ``pretrain/`` (``language_model/``) and ``instruct/``
+``keyframe_tokenizer_backbone.safetensors``), ``keyframe_detokenizer/`` and ``video_detokenizer/`` (diffusers-style
+directories: ``unet/``, ``scheduler/``, ``vae/``, and the rest in ``{name}.{json,safetensors}``), and ``pretrain/`` (``language_model/``) and ``instruct/``
 (``language_model_sft/``) LLM directories with safetensors weights, a fast tokenizer and
 ``videolavit_vocabulary.json``. Every export records the release behaviour (``release_behaviour.json``,
 g_V's ``release_behaviour`` config, g_I's DDIM / ancestral sampler from the release's scheduler).
@@ -117,9 +117,13 @@ def _copy_vae(src: Path, dest: Path) -> None:
         shutil.copy(weights, dest / weights.name)
 
 
-def _vae_space(path: Path, temporal: bool) -> dict:
-    return {"class_path": "videolavit.models.latent_space.VaeLatentSpace",
-            "init_args": {"path": str(path.resolve()), "subfolder": None, "temporal_decoder": temporal, "chunk": 16,
+def _vae_space(temporal: bool) -> dict:
+    """The latent space of a detokenizer whose VAE ``_copy_vae`` put in its ``vae/``: a path relative to the
+    export directory (``videolavit.models.latent_space.resolve_latent_space`` resolves it when loading)."""
+    from videolavit.models.latent_space import VAE_SPACE, VAE_SUBFOLDER
+
+    return {"class_path": VAE_SPACE,
+            "init_args": {"path": VAE_SUBFOLDER, "subfolder": None, "temporal_decoder": temporal, "chunk": 16,
                           "sample_posterior": False}}
 
 
@@ -207,8 +211,7 @@ def import_keyframe_detokenizer(release: Path, out: Path, codebook: torch.Tensor
     _strict(model.unet.net, _bin(unet_path, "the keyframe U-Net weights"), str(unet_path))
     dest = out / "keyframe_detokenizer"
     _copy_vae(_require(root / "vae", "the keyframe VAE"), dest / "vae")
-    save_keyframe_detokenizer(model, dest, _vae_space(dest / "vae", temporal=False),
-                              provenance={"release": str(root.resolve())})
+    save_keyframe_detokenizer(model, dest, _vae_space(temporal=False), provenance={"release": root.name})
 
 
 def import_video_detokenizer(release: Path, out: Path, sizes: dict, encoder_sizes: dict) -> None:
@@ -261,7 +264,7 @@ def import_video_detokenizer(release: Path, out: Path, sizes: dict, encoder_size
     dest = out / "video_detokenizer"
     _copy_vae(root / "vae", dest / "vae")
     save_video_detokenizer(model, dest, VideoDetokenizerSpec(
-        latent_space=_vae_space(dest / "vae", temporal=True), frame_size=tuple(spec_sizes["frame_size"]),
+        latent_space=_vae_space(temporal=True), frame_size=tuple(spec_sizes["frame_size"]),
         num_frames=int(spec_sizes["num_frames"]), motion_grid=(20, 36), motion_scale=10.0))
 
 
