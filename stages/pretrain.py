@@ -83,6 +83,10 @@ VOCABULARY_FILE = "videolavit_vocabulary.json"
 HF_WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                    "pytorch_model.bin.index.json")
 NEW_ROW_PARAMETERS = ("llm.model.embed_tokens.new", "llm.lm_head.new")
+# Attention kernels that keep packed documents apart from ``position_ids`` at every batch size. transformers'
+# flash-attention path finds document boundaries in ``position_ids`` only for batch size 1 (otherwise packed
+# documents attend to each other, silently); the stage does not pass ``cu_seqlens``, so it is refused.
+PACKED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 MODALITY_NAMES = {Modality.TEXT: "text", Modality.KEYFRAME: "keyframe", Modality.MOTION: "motion",
                   Modality.SPECIAL: "special"}
 
@@ -106,6 +110,21 @@ class TokenizerBuild:
 
     shards: str | list[str] | None = None
     text_files: list[str] = field(default_factory=list)
+
+
+class AttentionImplementationError(ValueError):
+    """``attn_implementation`` names a kernel that would let packed documents attend to each other."""
+
+
+def check_attn_implementation(name: str) -> str:
+    """``name`` if it keeps packed documents apart (``PACKED_ATTENTION_IMPLEMENTATIONS``); raises otherwise."""
+    if name in PACKED_ATTENTION_IMPLEMENTATIONS:
+        return name
+    why = (" (transformers finds packed documents in position_ids only at batch size 1, so rows of several "
+           "documents would attend across them)" if "flash" in str(name) else "")
+    raise AttentionImplementationError(
+        f"attn_implementation={name!r} is not supported by the LLM stages{why}; set model.attn_implementation "
+        f"to one of {list(PACKED_ATTENTION_IMPLEMENTATIONS)}")
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -209,7 +228,8 @@ class PretrainStage(StageModule):
             ``vocab_size`` is set to ``vocabulary.size``. Exactly one of ``llm_path`` / ``llm_config``.
         build_tokenizer_if_missing: build a tiny tokenizer into ``tokenizer_path`` if it does not exist
             (``TokenizerBuild``; tiny runs). None: the directory must exist.
-        attn_implementation: ``sdpa`` (default) or ``eager``; both honour packed position ids.
+        attn_implementation: ``sdpa`` (default) or ``eager``; both honour packed position ids. Anything else
+            (``flash_attention_2`` included) raises ``AttentionImplementationError``.
         activation_checkpointing: recompute each decoder layer in the backward pass.
         fsdp_param_dtype: FSDP2 ``MixedPrecisionPolicy`` parameter dtype (e.g. ``bfloat16``: all-gathers and
             compute in bf16, gradients reduced in fp32); None: no policy (the trainer's precision applies).
@@ -234,6 +254,7 @@ class PretrainStage(StageModule):
         super().__init__(optimizer=optimizer or default_optimizer(), init_from=init_from, export_dir=export_dir,
                          max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
+        check_attn_implementation(attn_implementation)
         self.vocabulary = vocabulary or Vocabulary.release()
         self.tokenizer_path = tokenizer_path
         self.fsdp_param_dtype, self.fsdp_reshard_after_forward = fsdp_param_dtype, fsdp_reshard_after_forward

@@ -395,3 +395,19 @@ def test_model_parallel_strategy_fit_on_two_cpu_processes(cli_inputs, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
     out = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
+
+
+@pytest.mark.parametrize("name", ["flash_attention_2", "flash_attention_3", "flex_attention"])
+def test_attention_that_would_leak_packed_documents_is_refused(tokenizer_dir, name):
+    from stages.pretrain import AttentionImplementationError
+
+    with pytest.raises(AttentionImplementationError, match=r"set model.attn_implementation to one of \['sdpa', 'eager'\]"):
+        make_stage(tokenizer_dir, attn_implementation=name)
+
+
+def test_flash_attention_refusal_says_why(tokenizer_dir):
+    from stages.pretrain import AttentionImplementationError
+
+    with pytest.raises(AttentionImplementationError, match="batch size 1"):
+        make_stage(tokenizer_dir, attn_implementation="flash_attention_2")
+    assert make_stage(tokenizer_dir, attn_implementation="eager").llm.config._attn_implementation == "eager"
