@@ -53,7 +53,8 @@ class InstructStage(PretrainStage):
         qa_batch_size: prompts decoded together.
         warmup_ratio: warm-up as a fraction of the total steps (LLaVA: 0.03); overrides ``optimizer.warmup_steps``.
         attn_implementation, activation_checkpointing, fsdp_param_dtype, fsdp_reshard_after_forward, load_dtype,
-        export_dtype, optimizer, export_dir, max_nonfinite_steps: as ``PretrainStage``.
+        export_dtype, optimizer, export_dir, max_nonfinite_steps, chat_template: as ``PretrainStage`` (set
+            ``chat_template`` to the data's ``template``).
     """
 
     def __init__(self, init_from: str | None = None, llm_path: str | None = None, tokenizer_path: str | None = None,
@@ -62,7 +63,7 @@ class InstructStage(PretrainStage):
                  activation_checkpointing: bool = False, fsdp_param_dtype: str | None = None,
                  fsdp_reshard_after_forward: bool = True, load_dtype: str = "float32",
                  export_dtype: str | None = None, optimizer: OptimizerConfig | None = None,
-                 export_dir: str | None = None, max_nonfinite_steps: int = 20):
+                 export_dir: str | None = None, max_nonfinite_steps: int = 20, chat_template: str = "v1"):
         llm_path = llm_path or init_from
         if llm_path is None:
             raise ValueError("InstructStage needs init_from (the stage-2 export directory); to resume with "
@@ -76,7 +77,7 @@ class InstructStage(PretrainStage):
                          fsdp_param_dtype=fsdp_param_dtype, fsdp_reshard_after_forward=fsdp_reshard_after_forward,
                          load_dtype=load_dtype, export_dtype=export_dtype,
                          optimizer=optimizer or default_optimizer(), init_from=init_from, export_dir=export_dir,
-                         max_nonfinite_steps=max_nonfinite_steps)
+                         max_nonfinite_steps=max_nonfinite_steps, chat_template=chat_template)
         self.save_hyperparameters()
         # from_pretrained returns a model in eval mode and Lightning keeps module modes as they are: without
         # this the decoder layers would skip activation checkpointing (it only runs in training mode).

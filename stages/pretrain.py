@@ -46,6 +46,9 @@ number of forward passes: give every rank the same number of validation batches 
 **Export** (``export_dir``, at the end of ``fit``; or ``export(dir)``, on every rank): one parameter at a
 time is gathered and handed to rank 0, which keeps it in ``export_dtype`` until its safetensors file
 (about 2 GB each, with an index) is written; then config, tokenizer and ``videolavit_vocabulary.json``.
+The tokenizer gets ``[IMG]`` ``[/IMG]`` ``[MOV]`` ``[/MOV]`` as named special tokens at their vocabulary
+ids and the conversation format as its chat template (``export_tokenizer``), so
+``AutoTokenizer.from_pretrained(dir).apply_chat_template(...)`` renders the instruct stage's prompts.
 ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads it as is (``use_cache`` back on).
 """
 
@@ -74,7 +77,7 @@ from videolavit.llm.flops import model_flops_utilisation, training_flops_per_tok
 from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
 from videolavit.llm.sharded_weights import (DEFAULT_SHARD_BYTES, SafetensorsDirectory, SafetensorsShardWriter,
                                             WeightsError, full_tensor, load_rows_into)
-from videolavit.llm.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer
+from videolavit.llm.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer, with_block_markers
 from videolavit.llm.vocabulary import Modality, Vocabulary
 
 EXPORT_NAME = "llm"
@@ -240,6 +243,8 @@ class PretrainStage(StageModule):
         init_from: a previous pre-training export (HF directory) to start a new run from.
         export_dir: where ``fit`` writes the Hugging Face export at the end.
         max_nonfinite_steps: non-finite optimizer steps in a row that stop ``fit`` (``StageModule``).
+        chat_template: conversation template the exported tokenizer's ``chat_template`` renders (``"v1"``,
+            what the instruct stage trains on by default, or ``"video_lavit_release"``).
     """
 
     export_name = EXPORT_NAME
@@ -250,7 +255,7 @@ class PretrainStage(StageModule):
                  fsdp_param_dtype: str | None = None, fsdp_reshard_after_forward: bool = True,
                  load_dtype: str = "float32", export_dtype: str | None = None,
                  optimizer: OptimizerConfig | None = None, init_from: str | None = None,
-                 export_dir: str | None = None, max_nonfinite_steps: int = 20):
+                 export_dir: str | None = None, max_nonfinite_steps: int = 20, chat_template: str = "v1"):
         super().__init__(optimizer=optimizer or default_optimizer(), init_from=init_from, export_dir=export_dir,
                          max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
@@ -259,6 +264,7 @@ class PretrainStage(StageModule):
         self.tokenizer_path = tokenizer_path
         self.fsdp_param_dtype, self.fsdp_reshard_after_forward = fsdp_param_dtype, fsdp_reshard_after_forward
         self.export_dtype = export_dtype
+        self.chat_template = chat_template
         if build_tokenizer_if_missing is not None and not Path(tokenizer_path).is_dir():
             self._build_tokenizer(build_tokenizer_if_missing)
         self.tokenizer = load_text_tokenizer(tokenizer_path, self.vocabulary)
@@ -601,7 +607,7 @@ class PretrainStage(StageModule):
         config.dtype = dtype or next(iter(state.values())).dtype
         config.save_pretrained(directory)
         GenerationConfig.from_model_config(config).save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        self.export_tokenizer().save_pretrained(directory)
         vocab = self.vocabulary
         (directory / VOCABULARY_FILE).write_text(json.dumps({
             "text_size": vocab.text_size, "visual_codes": vocab.visual_codes, "motion_codes": vocab.motion_codes,
@@ -609,6 +615,15 @@ class PretrainStage(StageModule):
             "visual_offset": vocab.visual_offset, "motion_start_id": vocab.motion_start_id,
             "motion_end_id": vocab.motion_end_id, "motion_offset": vocab.motion_offset,
         }, indent=2))
+
+    def export_tokenizer(self):
+        """The text tokenizer as exported: the block markers as named special tokens at their ids
+        (``with_block_markers``) and ``chat_template`` as its Hugging Face chat template."""
+        from videolavit.inference.video_chat import template_by_name
+
+        tokenizer = with_block_markers(self.tokenizer, self.vocabulary)
+        tokenizer.chat_template = template_by_name(self.chat_template).chat_template()
+        return tokenizer
 
     def on_fit_end(self) -> None:
         # Every rank checks its shards and enters export (gathering FSDP2 shards is a collective); rank 0

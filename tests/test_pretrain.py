@@ -182,7 +182,8 @@ def test_export_loads_with_transformers_and_generates(tokenizer_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export", local_files_only=True)
     assert model.config.vocab_size == VOCAB.size and model.config.use_cache
-    assert len(tokenizer) == VOCAB.text_size
+    assert len(tokenizer) == VOCAB.text_size + 4  # the text ids and the four named block markers
+    assert tokenizer.convert_tokens_to_ids(["[IMG]", "[/IMG]", "[MOV]", "[/MOV]"]) == list(VOCAB.special_ids)
     layout = json.loads((tmp_path / "export" / VOCABULARY_FILE).read_text())
     assert layout["image_start_id"] == VOCAB.image_start_id and layout["size"] == VOCAB.size
 
