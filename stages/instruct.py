@@ -16,8 +16,8 @@ export and fed by ``datamodules.instruct_views.InstructionSequenceView``:
   held-out questions (sorted by id, gathered from all ranks) are answered greedily with text ids only
   (``generate_text``) and scored by exact match after normalisation (``QAScore``): ``val/qa_accuracy``
   and, when the annotations name attributes, ``val/qa_accuracy_<attribute>``. Every rank decodes the same
-  prompts for exactly ``qa_max_new_tokens`` steps - under FSDP2 a rank that stopped early would leave the
-  others waiting in an all-gather - and rank 0's logger records it. 0 disables it.
+  prompts with ``generate(synced_gpus=True)`` when several ranks run - under FSDP2 a rank that stopped
+  early would leave the others waiting in an all-gather - and rank 0's logger records it. 0 disables it.
 * **Optimiser.** LLaVA-v1.5 (``default_optimizer``): AdamW lr 2e-5 for every parameter (the new vocabulary
   rows included: no ``extra_lr``), betas (0.9, 0.999), eps 1e-8, weight decay 0, cosine to 0 with
   ``warmup_ratio`` (3%) of the steps as linear warm-up.
@@ -49,7 +49,7 @@ class InstructStage(PretrainStage):
         tokenizer_path: text tokenizer directory (default: ``llm_path``, which holds the export's tokenizer).
         vocabulary: the id layout (default: ``llm_path``'s ``videolavit_vocabulary.json``).
         qa_eval_questions: held-out questions answered at the end of each validation (0: none).
-        qa_max_new_tokens: decoding steps per answer (every rank runs all of them).
+        qa_max_new_tokens: most decoding steps per answer.
         qa_batch_size: prompts decoded together.
         warmup_ratio: warm-up as a fraction of the total steps (LLaVA: 0.03); overrides ``optimizer.warmup_steps``.
         attn_implementation, activation_checkpointing, fsdp_param_dtype, fsdp_reshard_after_forward, load_dtype,
@@ -151,7 +151,7 @@ class InstructStage(PretrainStage):
             chunk = questions[start:start + self.qa_batch_size]
             outputs = generate_text(self.llm, [q["prompt_ids"] for q in chunk], vocabulary=self.vocabulary,
                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                    max_new_tokens=self.qa_max_new_tokens, stop_early=False)
+                                    max_new_tokens=self.qa_max_new_tokens)
             for q, ids in zip(chunk, outputs):
                 pred = tok.decode(ids, skip_special_tokens=True).strip()
                 hit = score.update(pred, q["answer"], q.get("attribute"))
