@@ -25,9 +25,11 @@ directory is a plain ``LlamaForCausalLM`` checkpoint. New rows start as in ``res
 attention mask (packed documents stay separate, see ``videolavit.llm.sequences``). Loss = token-mean
 next-token cross-entropy over the labels (-100 ignored). Logged: ``train/loss``, per target modality
 ``train/loss_text`` / ``train/loss_keyframe`` / ``train/loss_motion`` / ``train/loss_special`` (the four block
-markers), ``train/padding_fraction``, ``train/tokens_per_s`` (all ranks, padding included, wall time
-between consecutive batches), ``train/model_tflops_per_s`` and, on GPUs, ``train/mfu`` (``videolavit.llm.flops``); on validation the token-weighted ``val/loss`` and ``val/loss_<modality>``
-summed over all ranks.
+markers), ``train/padding_fraction``; on validation the token-weighted ``val/loss`` and ``val/loss_<modality>``
+summed over all ranks. Throughput is Lightning's ``ThroughputMonitor`` callback (in the YAML configs, with
+``callbacks.batch_measures``): the stage sets ``flops_per_batch`` (``model_flops``, ``videolavit.llm.flops``)
+on every batch, so the monitor logs ``train/device/items_per_sec`` (target tokens), ``.../samples_per_sec``,
+``.../flops_per_sec`` and, on GPUs it knows, ``train/device/mfu`` (all-rank totals without ``device/``).
 
 **Scale.** No rank holds the whole model. With ``llm_path`` the LLM is built on the meta device in
 ``__init__``; ``configure_model`` shards it (with Lightning's ``ModelParallelStrategy``, which sets
@@ -59,7 +61,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from stages.base import OptimizerConfig, StageModule
 from stages.nonfinite_guard import NonFiniteExportError, nonfinite_names
 from stages.staged_export import write_staged
-from videolavit.llm.flops import model_flops_utilisation, training_flops_per_token
+from videolavit.llm.flops import training_flops_per_token
 from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
 from videolavit.llm.sharded_weights import (DEFAULT_SHARD_BYTES, SafetensorsDirectory, SafetensorsShardWriter,
                                             WeightsError, full_tensor, load_rows_into)
@@ -273,7 +274,7 @@ class PretrainStage(StageModule):
         if activation_checkpointing:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._val_sums = torch.zeros(len(MODALITY_NAMES) + 1, 2, dtype=torch.float64)  # loss sum, targets
-        self._clock: float | None = None
+        self.flops_per_batch: float | None = None  # set per batch; read by Lightning's ThroughputMonitor
 
     # ---- construction ----------------------------------------------------------------------------
     def _build_tokenizer(self, build: TokenizerBuild) -> None:
@@ -496,33 +497,18 @@ class PretrainStage(StageModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        if self._clock is None:
-            self._clock = time.perf_counter()
+        self.flops_per_batch = self.model_flops(batch, training=True)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        elapsed, self._clock = now - self._clock, now
-        world = self.trainer.world_size if self._trainer is not None else 1
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.flops_per_batch = self.model_flops(batch, training=False)
+
+    def model_flops(self, batch: dict, training: bool = True) -> float:
+        """Model FLOPs of one batch on this device (``videolavit.llm.flops``; padding included, as it is
+        computed): what Lightning's ``ThroughputMonitor`` reads as ``flops_per_batch`` for FLOP/s and MFU.
+        Validation runs the forward pass only, a third of a training step's FLOPs."""
         rows, seq_len = batch["input_ids"].shape
-        tokens_per_s = rows * seq_len * world / max(elapsed, 1e-9)
-        flops = training_flops_per_token(self.llm.config, seq_len) * tokens_per_s
-        self.log_dict({"train/tokens_per_s": tokens_per_s, "train/model_tflops_per_s": flops / 1e12},
-                      batch_size=rows)
-        mfu = model_flops_utilisation(tokens_per_s, training_flops_per_token(self.llm.config, seq_len),
-                                      self._peak_flops(world))
-        if mfu is not None:
-            self.log("train/mfu", mfu, batch_size=rows)
-
-    def _peak_flops(self, world: int) -> float | None:
-        """All devices' peak FLOP/s for the training precision (Lightning's table; None on CPU)."""
-        if self.device.type != "cuda":
-            return None
-        from lightning.fabric.utilities.throughput import get_available_flops
-
-        precision = str(self.trainer.precision) if self._trainer is not None else "32"
-        dtype = torch.bfloat16 if "bf16" in precision or self.fsdp_param_dtype == "bfloat16" else torch.float32
-        per_device = get_available_flops(self.device, dtype)
-        return per_device * world if per_device else None
+        flops = training_flops_per_token(self.llm.config, seq_len) * rows * seq_len
+        return flops if training else flops / 3
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros_like(self._val_sums)
