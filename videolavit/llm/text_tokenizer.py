@@ -88,6 +88,7 @@ def with_block_markers(tokenizer: PreTrainedTokenizerBase, vocab: Vocabulary) ->
     from tokenizers import Tokenizer
 
     out = copy.deepcopy(tokenizer)
+    # The backend swapped in place keeps the tokenizer's own class and settings (a Llama tokenizer stays one).
     out._tokenizer = Tokenizer.from_str(json.dumps(backend))
     existing = getattr(out, "extra_special_tokens", None) or getattr(out, "additional_special_tokens", None) or []
     if isinstance(existing, dict):
@@ -97,6 +98,9 @@ def with_block_markers(tokenizer: PreTrainedTokenizerBase, vocab: Vocabulary) ->
     got = out.convert_tokens_to_ids(list(markers))
     if got != list(markers.values()):
         raise TokenizerMismatchError(f"block markers came out at {got} instead of {list(markers.values())}")
+    before = {t: i for t, i in tokenizer.get_vocab().items() if t not in markers}
+    if {t: i for t, i in out.get_vocab().items() if t not in markers} != before:
+        raise TokenizerMismatchError("adding the block markers changed text ids")
     return out
 
 
