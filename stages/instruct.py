@@ -16,8 +16,8 @@ export and fed by ``datamodules.instruct_views.InstructionSequenceView``:
   held-out questions (sorted by id, gathered from all ranks) are answered greedily with text ids only
   (``generate_text``) and scored by exact match after normalisation (``QAScore``): ``val/qa_accuracy``
   and, when the annotations name attributes, ``val/qa_accuracy_<attribute>``. Every rank decodes the same
-  prompts for exactly ``qa_max_new_tokens`` steps - under FSDP2 a rank that stopped early would leave the
-  others waiting in an all-gather - and rank 0's logger records it. 0 disables it.
+  prompts with ``generate(synced_gpus=True)`` when several ranks run - under FSDP2 a rank that stopped
+  early would leave the others waiting in an all-gather - and rank 0's logger records it. 0 disables it.
 * **Optimiser.** LLaVA-v1.5 (``default_optimizer``): AdamW lr 2e-5 for every parameter (the new vocabulary
   rows included: no ``extra_lr``), betas (0.9, 0.999), eps 1e-8, weight decay 0, cosine to 0 with
   ``warmup_ratio`` (3%) of the steps as linear warm-up.
@@ -49,11 +49,12 @@ class InstructStage(PretrainStage):
         tokenizer_path: text tokenizer directory (default: ``llm_path``, which holds the export's tokenizer).
         vocabulary: the id layout (default: ``llm_path``'s ``videolavit_vocabulary.json``).
         qa_eval_questions: held-out questions answered at the end of each validation (0: none).
-        qa_max_new_tokens: decoding steps per answer (every rank runs all of them).
+        qa_max_new_tokens: most decoding steps per answer.
         qa_batch_size: prompts decoded together.
         warmup_ratio: warm-up as a fraction of the total steps (LLaVA: 0.03); overrides ``optimizer.warmup_steps``.
         attn_implementation, activation_checkpointing, fsdp_param_dtype, fsdp_reshard_after_forward, load_dtype,
-        export_dtype, optimizer, export_dir, max_nonfinite_steps: as ``PretrainStage``.
+        export_dtype, optimizer, export_dir, max_nonfinite_steps, chat_template: as ``PretrainStage`` (set
+            ``chat_template`` to the data's ``template``).
     """
 
     def __init__(self, init_from: str | None = None, llm_path: str | None = None, tokenizer_path: str | None = None,
@@ -62,7 +63,7 @@ class InstructStage(PretrainStage):
                  activation_checkpointing: bool = False, fsdp_param_dtype: str | None = None,
                  fsdp_reshard_after_forward: bool = True, load_dtype: str = "float32",
                  export_dtype: str | None = None, optimizer: OptimizerConfig | None = None,
-                 export_dir: str | None = None, max_nonfinite_steps: int = 20):
+                 export_dir: str | None = None, max_nonfinite_steps: int = 20, chat_template: str = "v1"):
         llm_path = llm_path or init_from
         if llm_path is None:
             raise ValueError("InstructStage needs init_from (the stage-2 export directory); to resume with "
@@ -76,7 +77,7 @@ class InstructStage(PretrainStage):
                          fsdp_param_dtype=fsdp_param_dtype, fsdp_reshard_after_forward=fsdp_reshard_after_forward,
                          load_dtype=load_dtype, export_dtype=export_dtype,
                          optimizer=optimizer or default_optimizer(), init_from=init_from, export_dir=export_dir,
-                         max_nonfinite_steps=max_nonfinite_steps)
+                         max_nonfinite_steps=max_nonfinite_steps, chat_template=chat_template)
         self.save_hyperparameters()
         # from_pretrained returns a model in eval mode and Lightning keeps module modes as they are: without
         # this the decoder layers would skip activation checkpointing (it only runs in training mode).
@@ -150,7 +151,7 @@ class InstructStage(PretrainStage):
             chunk = questions[start:start + self.qa_batch_size]
             outputs = generate_text(self.llm, [q["prompt_ids"] for q in chunk], vocabulary=self.vocabulary,
                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                    max_new_tokens=self.qa_max_new_tokens, stop_early=False)
+                                    max_new_tokens=self.qa_max_new_tokens)
             for q, ids in zip(chunk, outputs):
                 pred = tok.decode(ids, skip_special_tokens=True).strip()
                 hit = score.update(pred, q["answer"], q.get("attribute"))

@@ -25,9 +25,11 @@ directory is a plain ``LlamaForCausalLM`` checkpoint. New rows start as in ``res
 attention mask (packed documents stay separate, see ``videolavit.llm.sequences``). Loss = token-mean
 next-token cross-entropy over the labels (-100 ignored). Logged: ``train/loss``, per target modality
 ``train/loss_text`` / ``train/loss_keyframe`` / ``train/loss_motion`` / ``train/loss_special`` (the four block
-markers), ``train/padding_fraction``, ``train/tokens_per_s`` (all ranks, padding included, wall time
-between consecutive batches), ``train/model_tflops_per_s`` and, on GPUs, ``train/mfu`` (``videolavit.llm.flops``); on validation the token-weighted ``val/loss`` and ``val/loss_<modality>``
-summed over all ranks.
+markers), ``train/padding_fraction``; on validation the token-weighted ``val/loss`` and ``val/loss_<modality>``
+summed over all ranks. Throughput is Lightning's ``ThroughputMonitor`` callback (in the YAML configs, with
+``callbacks.batch_measures``): the stage sets ``flops_per_batch`` (``model_flops``, ``videolavit.llm.flops``)
+on every batch, so the monitor logs ``train/device/items_per_sec`` (target tokens), ``.../samples_per_sec``,
+``.../flops_per_sec`` and, on GPUs it knows, ``train/device/mfu`` (all-rank totals without ``device/``).
 
 **Scale.** No rank holds the whole model. With ``llm_path`` the LLM is built on the meta device in
 ``__init__``; ``configure_model`` shards it (with Lightning's ``ModelParallelStrategy``, which sets
@@ -46,6 +48,9 @@ number of forward passes: give every rank the same number of validation batches 
 **Export** (``export_dir``, at the end of ``fit``; or ``export(dir)``, on every rank): one parameter at a
 time is gathered and handed to rank 0, which keeps it in ``export_dtype`` until its safetensors file
 (about 2 GB each, with an index) is written; then config, tokenizer and ``videolavit_vocabulary.json``.
+The tokenizer gets ``[IMG]`` ``[/IMG]`` ``[MOV]`` ``[/MOV]`` as named special tokens at their vocabulary
+ids and the conversation format as its chat template (``export_tokenizer``), so
+``AutoTokenizer.from_pretrained(dir).apply_chat_template(...)`` renders the instruct stage's prompts.
 ``transformers.AutoModelForCausalLM.from_pretrained(dir, dtype="auto")`` loads it as is (``use_cache`` back
 on; without ``dtype`` transformers 4.x upcasts to float32).
 """
@@ -57,7 +62,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,11 +75,11 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from stages.base import OptimizerConfig, StageModule
 from stages.nonfinite_guard import NonFiniteExportError, nonfinite_names
 from stages.staged_export import write_staged
-from videolavit.llm.flops import model_flops_utilisation, training_flops_per_token
+from videolavit.llm.flops import training_flops_per_token
 from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
 from videolavit.llm.sharded_weights import (DEFAULT_SHARD_BYTES, SafetensorsDirectory, SafetensorsShardWriter,
                                             WeightsError, full_tensor, load_rows_into)
-from videolavit.llm.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer
+from videolavit.llm.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer, with_block_markers
 from videolavit.llm.vocabulary import Modality, Vocabulary
 
 EXPORT_NAME = "llm"
@@ -84,6 +88,10 @@ VOCABULARY_FILE = "videolavit_vocabulary.json"
 HF_WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                    "pytorch_model.bin.index.json")
 NEW_ROW_PARAMETERS = ("llm.model.embed_tokens.new", "llm.lm_head.new")
+# Attention kernels that keep packed documents apart from ``position_ids`` at every batch size. transformers'
+# flash-attention path finds document boundaries in ``position_ids`` only for batch size 1 (otherwise packed
+# documents attend to each other, silently); the stage does not pass ``cu_seqlens``, so it is refused.
+PACKED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 MODALITY_NAMES = {Modality.TEXT: "text", Modality.KEYFRAME: "keyframe", Modality.MOTION: "motion",
                   Modality.SPECIAL: "special"}
 
@@ -107,6 +115,21 @@ class TokenizerBuild:
 
     shards: str | list[str] | None = None
     text_files: list[str] = field(default_factory=list)
+
+
+class AttentionImplementationError(ValueError):
+    """``attn_implementation`` names a kernel that would let packed documents attend to each other."""
+
+
+def check_attn_implementation(name: str) -> str:
+    """``name`` if it keeps packed documents apart (``PACKED_ATTENTION_IMPLEMENTATIONS``); raises otherwise."""
+    if name in PACKED_ATTENTION_IMPLEMENTATIONS:
+        return name
+    why = (" (transformers finds packed documents in position_ids only at batch size 1, so rows of several "
+           "documents would attend across them)" if "flash" in str(name) else "")
+    raise AttentionImplementationError(
+        f"attn_implementation={name!r} is not supported by the LLM stages{why}; set model.attn_implementation "
+        f"to one of {list(PACKED_ATTENTION_IMPLEMENTATIONS)}")
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -210,7 +233,8 @@ class PretrainStage(StageModule):
             ``vocab_size`` is set to ``vocabulary.size``. Exactly one of ``llm_path`` / ``llm_config``.
         build_tokenizer_if_missing: build a tiny tokenizer into ``tokenizer_path`` if it does not exist
             (``TokenizerBuild``; tiny runs). None: the directory must exist.
-        attn_implementation: ``sdpa`` (default) or ``eager``; both honour packed position ids.
+        attn_implementation: ``sdpa`` (default) or ``eager``; both honour packed position ids. Anything else
+            (``flash_attention_2`` included) raises ``AttentionImplementationError``.
         activation_checkpointing: recompute each decoder layer in the backward pass.
         fsdp_param_dtype: FSDP2 ``MixedPrecisionPolicy`` parameter dtype (e.g. ``bfloat16``: all-gathers and
             compute in bf16, gradients reduced in fp32); None: no policy (the trainer's precision applies).
@@ -221,6 +245,8 @@ class PretrainStage(StageModule):
         init_from: a previous pre-training export (HF directory) to start a new run from.
         export_dir: where ``fit`` writes the Hugging Face export at the end.
         max_nonfinite_steps: non-finite optimizer steps in a row that stop ``fit`` (``StageModule``).
+        chat_template: conversation template the exported tokenizer's ``chat_template`` renders (``"v1"``,
+            what the instruct stage trains on by default, or ``"video_lavit_release"``).
     """
 
     export_name = EXPORT_NAME
@@ -231,14 +257,16 @@ class PretrainStage(StageModule):
                  fsdp_param_dtype: str | None = None, fsdp_reshard_after_forward: bool = True,
                  load_dtype: str = "float32", export_dtype: str | None = None,
                  optimizer: OptimizerConfig | None = None, init_from: str | None = None,
-                 export_dir: str | None = None, max_nonfinite_steps: int = 20):
+                 export_dir: str | None = None, max_nonfinite_steps: int = 20, chat_template: str = "v1"):
         super().__init__(optimizer=optimizer or default_optimizer(), init_from=init_from, export_dir=export_dir,
                          max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
+        check_attn_implementation(attn_implementation)
         self.vocabulary = vocabulary or Vocabulary.release()
         self.tokenizer_path = tokenizer_path
         self.fsdp_param_dtype, self.fsdp_reshard_after_forward = fsdp_param_dtype, fsdp_reshard_after_forward
         self.export_dtype = export_dtype
+        self.chat_template = chat_template
         if build_tokenizer_if_missing is not None and not Path(tokenizer_path).is_dir():
             self._build_tokenizer(build_tokenizer_if_missing)
         self.tokenizer = load_text_tokenizer(tokenizer_path, self.vocabulary)
@@ -247,7 +275,7 @@ class PretrainStage(StageModule):
         if activation_checkpointing:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._val_sums = torch.zeros(len(MODALITY_NAMES) + 1, 2, dtype=torch.float64)  # loss sum, targets
-        self._clock: float | None = None
+        self.flops_per_batch: float | None = None  # set per batch; read by Lightning's ThroughputMonitor
 
     # ---- construction ----------------------------------------------------------------------------
     def _build_tokenizer(self, build: TokenizerBuild) -> None:
@@ -470,33 +498,18 @@ class PretrainStage(StageModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        if self._clock is None:
-            self._clock = time.perf_counter()
+        self.flops_per_batch = self.model_flops(batch, training=True)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        elapsed, self._clock = now - self._clock, now
-        world = self.trainer.world_size if self._trainer is not None else 1
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.flops_per_batch = self.model_flops(batch, training=False)
+
+    def model_flops(self, batch: dict, training: bool = True) -> float:
+        """Model FLOPs of one batch on this device (``videolavit.llm.flops``; padding included, as it is
+        computed): what Lightning's ``ThroughputMonitor`` reads as ``flops_per_batch`` for FLOP/s and MFU.
+        Validation runs the forward pass only, a third of a training step's FLOPs."""
         rows, seq_len = batch["input_ids"].shape
-        tokens_per_s = rows * seq_len * world / max(elapsed, 1e-9)
-        flops = training_flops_per_token(self.llm.config, seq_len) * tokens_per_s
-        self.log_dict({"train/tokens_per_s": tokens_per_s, "train/model_tflops_per_s": flops / 1e12},
-                      batch_size=rows)
-        mfu = model_flops_utilisation(tokens_per_s, training_flops_per_token(self.llm.config, seq_len),
-                                      self._peak_flops(world))
-        if mfu is not None:
-            self.log("train/mfu", mfu, batch_size=rows)
-
-    def _peak_flops(self, world: int) -> float | None:
-        """All devices' peak FLOP/s for the training precision (Lightning's table; None on CPU)."""
-        if self.device.type != "cuda":
-            return None
-        from lightning.fabric.utilities.throughput import get_available_flops
-
-        precision = str(self.trainer.precision) if self._trainer is not None else "32"
-        dtype = torch.bfloat16 if "bf16" in precision or self.fsdp_param_dtype == "bfloat16" else torch.float32
-        per_device = get_available_flops(self.device, dtype)
-        return per_device * world if per_device else None
+        flops = training_flops_per_token(self.llm.config, seq_len) * rows * seq_len
+        return flops if training else flops / 3
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros_like(self._val_sums)
@@ -581,7 +594,7 @@ class PretrainStage(StageModule):
         config.dtype = dtype or next(iter(state.values())).dtype
         config.save_pretrained(directory)
         GenerationConfig.from_model_config(config).save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        self.export_tokenizer().save_pretrained(directory)
         vocab = self.vocabulary
         (directory / VOCABULARY_FILE).write_text(json.dumps({
             "text_size": vocab.text_size, "visual_codes": vocab.visual_codes, "motion_codes": vocab.motion_codes,
@@ -589,6 +602,15 @@ class PretrainStage(StageModule):
             "visual_offset": vocab.visual_offset, "motion_start_id": vocab.motion_start_id,
             "motion_end_id": vocab.motion_end_id, "motion_offset": vocab.motion_offset,
         }, indent=2))
+
+    def export_tokenizer(self):
+        """The text tokenizer as exported: the block markers as named special tokens at their ids
+        (``with_block_markers``) and ``chat_template`` as its Hugging Face chat template."""
+        from videolavit.inference.video_chat import template_by_name
+
+        tokenizer = with_block_markers(self.tokenizer, self.vocabulary)
+        tokenizer.chat_template = template_by_name(self.chat_template).chat_template()
+        return tokenizer
 
     def on_fit_end(self) -> None:
         # Every rank checks its shards and enters export (gathering FSDP2 shards is a collective); rank 0

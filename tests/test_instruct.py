@@ -303,7 +303,8 @@ def test_init_from_a_stage2_export_takes_its_weights_tokenizer_and_vocabulary(pr
     stage = InstructStage(init_from=str(pretrain_export))
     assert not stage.is_materialized()  # built on the meta device: weights load in configure_model
     stage.configure_model()  # what the trainer does (no device mesh: the whole model on CPU)
-    assert stage.vocabulary == VOCAB and len(stage.tokenizer) == VOCAB.text_size
+    assert stage.vocabulary == VOCAB and len(stage.tokenizer) == VOCAB.text_size + 4  # text ids + the block markers
+    assert stage.tokenizer.convert_tokens_to_ids(["[IMG]", "[/IMG]", "[MOV]", "[/MOV]"]) == list(VOCAB.special_ids)
     source = AutoModelForCausalLM.from_pretrained(pretrain_export, local_files_only=True)
     assert torch.equal(stage.llm.model.embed_tokens.weight, source.model.embed_tokens.weight)
     assert torch.equal(stage.llm.model.layers[1].mlp.down_proj.weight, source.model.layers[1].mlp.down_proj.weight)
@@ -367,7 +368,7 @@ def test_answers_are_text_only_and_scored_by_exact_match(pretrain_export, tokeni
     assert all(0 <= i < VOCAB.text_size and i != EOS_ID for ids in outs for i in ids)
     preds = {q["id"]: stage.tokenizer.decode(ids, skip_special_tokens=True).strip() for q, ids in zip(questions, outs)}
     score, answers = stage.answer_questions(questions)
-    assert {a["id"]: a["pred"] for a in answers} == preds  # batched, stop_early=False: the same greedy answers
+    assert {a["id"]: a["pred"] for a in answers} == preds  # batched: the same greedy answers
     expected = sum(preds[q["id"]].lower() == q["answer"] for q in questions)
     assert score.total == 6 and score.correct == expected
     assert set(score.attribute_accuracy()) == {"shape", "color", "direction"}
@@ -376,8 +377,7 @@ def test_answers_are_text_only_and_scored_by_exact_match(pretrain_export, tokeni
 def test_left_padded_batched_decoding_equals_one_prompt_at_a_time(pretrain_export):
     model = AutoModelForCausalLM.from_pretrained(pretrain_export, local_files_only=True).eval()
     prompts = [[1, 5, 6, 7, 8, 9, 10], [1, 20, 21], [1, 30, 31, 32, 33]]
-    together = generate_text(model, prompts, vocabulary=VOCAB, eos_id=EOS_ID, pad_id=0, max_new_tokens=5,
-                             stop_early=False)
+    together = generate_text(model, prompts, vocabulary=VOCAB, eos_id=EOS_ID, pad_id=0, max_new_tokens=5)
     alone = [generate_text(model, [p], vocabulary=VOCAB, eos_id=EOS_ID, pad_id=0, max_new_tokens=5)[0] for p in prompts]
     assert together == alone
     with torch.no_grad():  # the first greedy token is the argmax over text ids of the plain forward

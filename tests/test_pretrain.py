@@ -21,6 +21,7 @@ from datamodules.tokenize_shards import TokenizeConfig, run_tokenize
 from stages.base import OptimizerConfig
 from stages.pretrain import NEW_ROW_PARAMETERS, VOCABULARY_FILE, PretrainStage, TokenizerBuild, default_optimizer
 from videolavit.__main__ import main
+from videolavit.llm.flops import training_flops_per_token
 from videolavit.llm.sequences import IGNORE_INDEX, collate_packed_rows, multimodal_pair, pack_documents
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer
 from videolavit.llm.vocabulary import Vocabulary
@@ -183,7 +184,8 @@ def test_export_loads_with_transformers_and_generates(tokenizer_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export", local_files_only=True)
     assert model.config.vocab_size == VOCAB.size and model.config.use_cache
-    assert len(tokenizer) == VOCAB.text_size
+    assert len(tokenizer) == VOCAB.text_size + 4  # the text ids and the four named block markers
+    assert tokenizer.convert_tokens_to_ids(["[IMG]", "[/IMG]", "[MOV]", "[/MOV]"]) == list(VOCAB.special_ids)
     layout = json.loads((tmp_path / "export" / VOCABULARY_FILE).read_text())
     assert layout["image_start_id"] == VOCAB.image_start_id and layout["size"] == VOCAB.size
 
@@ -241,7 +243,10 @@ def write_config(root: Path, shards: Path, inputs: dict, **trainer) -> Path:
                        "init_args": {"save_dir": str(root / "logs"), "name": "pretrain"}},
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                            "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
-                                         "every_n_train_steps": 2, "save_top_k": -1}}],
+                                         "every_n_train_steps": 2, "save_top_k": -1}},
+                          {"class_path": "lightning.pytorch.callbacks.ThroughputMonitor",
+                           "init_args": {"batch_size_fn": "callbacks.batch_measures.samples",
+                                         "length_fn": "callbacks.batch_measures.tokens", "window_size": 2}}],
             **trainer,
         },
         "model": {
@@ -278,11 +283,18 @@ def test_tiny_fit_through_the_cli_logs_per_modality_losses_exports_and_resumes(c
         assert main(["fit", "--config", config]) == 0
     logged = scalars(tmp_path / "logs")
     expected = {"train/loss", "train/loss_text", "train/loss_keyframe", "train/loss_motion", "train/loss_special",
-                "train/tokens_per_s", "train/model_tflops_per_s", "train/padding_fraction", "val/loss", "val/loss_text",
+                "train/device/items_per_sec", "train/device/flops_per_sec", "train/padding_fraction", "val/loss",
+                "val/loss_text",
                 "val/loss_keyframe", "val/loss_motion"}
     assert expected <= set(logged), sorted(logged)
     assert sorted(step for step, _ in logged["val/loss"]) == [1, 3]
     assert all(0 < value < 10 for _, value in logged["train/loss"])
+    # ThroughputMonitor's FLOP/s come from the stage's flops_per_batch: FLOPs per token times tokens per second.
+    rows, seq_len = 4, 128  # the view's batch_size and seq_len
+    per_batch = rows * seq_len * training_flops_per_token(LlamaConfig(**{**LLM, "vocab_size": VOCAB.size}), seq_len)
+    batches = dict(logged["train/device/batches_per_sec"])
+    assert logged["train/device/flops_per_sec"] and all(
+        flops == pytest.approx(batches[step] * per_batch, rel=1e-4) for step, flops in logged["train/device/flops_per_sec"])
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
     assert model.config.vocab_size == VOCAB.size
@@ -396,3 +408,19 @@ def test_model_parallel_strategy_fit_on_two_cpu_processes(cli_inputs, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
     out = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
+
+
+@pytest.mark.parametrize("name", ["flash_attention_2", "flash_attention_3", "flex_attention"])
+def test_attention_that_would_leak_packed_documents_is_refused(tokenizer_dir, name):
+    from stages.pretrain import AttentionImplementationError
+
+    with pytest.raises(AttentionImplementationError, match=r"set model.attn_implementation to one of \['sdpa', 'eager'\]"):
+        make_stage(tokenizer_dir, attn_implementation=name)
+
+
+def test_flash_attention_refusal_says_why(tokenizer_dir):
+    from stages.pretrain import AttentionImplementationError
+
+    with pytest.raises(AttentionImplementationError, match="batch size 1"):
+        make_stage(tokenizer_dir, attn_implementation="flash_attention_2")
+    assert make_stage(tokenizer_dir, attn_implementation="eager").llm.config._attn_implementation == "eager"

@@ -9,8 +9,8 @@ The path is the training path, run once on one video:
    (``videolavit.llm.video_codes.VideoCoder``), so the ids equal the ones the LLM was trained on;
 3. the "v1" conversation template (``videolavit.llm.conversation``) builds the prompt
    ``{system} USER: <video>\\n{question} ASSISTANT:`` with the video ids in place of ``<video>``;
-4. greedy (or sampled) decoding with every non-text id suppressed (``TextOnlyConstraint``), stopping at
-   eos; the text is decoded and stripped.
+4. greedy (or sampled) decoding with transformers' ``generate``, every non-text id suppressed
+   (``TextOnlyConstraint`` as a logits processor), stopping at eos; the text is decoded and stripped.
 
 Errors a user can act on are named: ``ModelDirectoryError`` (missing or corrupt LLM export directory),
 ``TokenizerExportError`` (missing stage-1 exports) and ``VideoInputError`` (a video that cannot be used;
@@ -19,7 +19,7 @@ its ``reason`` is one of ``videolavit.video.errors``, e.g. ``unreadable`` or ``t
 The keyframe tokenizer of tiny runs samples which patches it keeps (``eval_selection="sample"``); the
 tokenisation is seeded per call (``seed``) so the same video always gives the same answer.
 
-``generate_text`` (the decoding loop) and ``QAScore`` (exact-match accuracy, overall and per attribute)
+``generate_text`` (decoding) and ``QAScore`` (exact-match accuracy, overall and per attribute)
 are shared with stage 3's validation (``stages.instruct``) and the ``chat`` command.
 """
 
@@ -114,73 +114,51 @@ def load_llm(directory: str | Path, device: str | torch.device = "cpu", dtype: t
 @torch.inference_mode()
 def generate_text(model, prompts: Sequence[Sequence[int]], *, vocabulary: Vocabulary, eos_id: int, pad_id: int,
                   max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None, stop_early: bool = True) -> list[list[int]]:
+                  seed: int | None = None, synced_gpus: bool | None = None) -> list[list[int]]:
     """Continue each prompt with text ids only, until eos (not returned) or ``max_new_tokens``.
 
-    Prompts are left-padded into one batch (``attention_mask`` hides the padding, ``position_ids`` start at
-    0 on each prompt's first real token) and decoded with the KV cache. ``stop_early=False`` always runs
-    ``max_new_tokens`` forward passes: under FSDP every rank must run the same number of them, whatever
-    its rows produce. ``model`` is any causal LM taking ``input_ids/attention_mask/position_ids/
-    past_key_values`` (transformers' Llama, also with the stages' split vocabulary rows).
+    transformers' ``model.generate``: prompts are left-padded into one batch (``attention_mask`` hides the
+    padding; generate derives ``position_ids`` from it) and decoded with the KV cache; ``TextOnlyConstraint``
+    is a logits processor, eos stops a row, and sampling uses generate's temperature and top-p (no top-k).
+    ``seed`` seeds sampling (the global RNG is forked, so callers' streams are untouched).
+    ``synced_gpus`` (default: on when ``torch.distributed`` runs more than one rank): a rank whose rows
+    are done keeps running forward passes until every rank is done, as FSDP needs (each forward
+    all-gathers parameters, so every rank must run the same number of them). ``model`` is a
+    transformers causal LM (the stages' ``llm`` with split vocabulary rows included).
     """
+    from transformers import GenerationConfig, LogitsProcessorList
+
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
+    if do_sample and temperature <= 0:
+        raise ValueError("temperature must be positive when sampling")
+    if synced_gpus is None:
+        synced_gpus = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
     device = next(model.parameters()).device
-    constraint = TextOnlyConstraint(vocabulary)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
-    history = ids
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    produced: list[list[int]] = [[] for _ in prompts]
-    next_position = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
-        scores = constraint(history, logits.float())
-        if do_sample:
-            token = _sample(scores, temperature, top_p, generator)
-        else:
-            token = scores.argmax(-1)
-        for row, value in enumerate(token.tolist()):
-            if not finished[row]:
-                if value == eos_id:
-                    finished[row] = True
-                else:
-                    produced[row].append(value)
-        if step == max_new_tokens - 1 or (stop_early and bool(finished.all())):
-            break
-        history = torch.cat([history, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                    past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
-        next_position = next_position + 1
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_id,
+                              pad_token_id=pad_id, use_cache=True,
+                              **({"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             logits_processor=LogitsProcessorList([TextOnlyConstraint(vocabulary)]),
+                             synced_gpus=synced_gpus)
+    produced = []
+    for row in out[:, width:].tolist():
+        produced.append(row[:row.index(eos_id)] if eos_id in row else row)
     return produced
-
-
-def _sample(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    if temperature <= 0:
-        raise ValueError("temperature must be positive when sampling")
-    probs = torch.softmax(scores / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely id
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    generator_device = generator.device if generator is not None else None
-    if generator_device is not None and generator_device != probs.device:
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -307,10 +285,10 @@ class VideoChat:
     def answer_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, do_sample: bool = False,
                    temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
         """Answers (decoded text) to ready prompts, decoded as one batch."""
-        generator = torch.Generator().manual_seed(self.seed) if do_sample else None
         outputs = generate_text(self.model, prompts, vocabulary=self.vocabulary, eos_id=self.tokenizer.eos_token_id,
                                 pad_id=self.tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
-                                do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+                                do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                seed=self.seed if do_sample else None)
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
     def answer(self, video: VideoSource, question: str, max_new_tokens: int = 64, do_sample: bool = False,

@@ -16,6 +16,18 @@ literal "</s>" typed by a user stays text), and labels follow each token's chara
 ids equal tokenizing the rendered string split at placeholders - what LLaVA and the release do at
 inference - whatever the tokenizer's merge rules, and the mask is exact.
 
+Hugging Face chat template: ``ConversationTemplate.chat_template()`` is the same format as Jinja, which the
+LLM stages' exports store as ``tokenizer.chat_template``. ``apply_chat_template(messages,
+add_generation_prompt=True)`` renders ``render`` with bos in front; messages are
+``{"role": "system"|"user"|"assistant", "content": str | list}`` (a system message replaces the
+system prompt; in a content list ``{"type": "video"}`` / ``{"type": "image"}`` renders as
+``<video>\\n`` / ``<image>\\n``, LLaVA's placement, and ``{"type": "text", "text": ...}`` as its text).
+Visual codes have no text form: the rendered string keeps the placeholder and
+``encode_rendered(text, tokenizer, visual_ids)`` puts each clip's ids in its place, giving the ids of
+``encode``/``generation_prompt`` (for tokenizers that tokenize text after a special token as at the
+start of a string, as byte-level BPE does). A literal "</s>" or "[IMG]" typed by a user is kept as
+text only by ``encode`` (``split_special_tokens``); ``apply_chat_template`` reads it as the token.
+
 Template choice: LLaVA v1.5 (``LLAVA_V1``, sep2 "</s>") is the paper's recipe and the default. The
 release's ``default_conversation`` differs only in sep2 = ``" \\\\n </s>"`` (a literal backslash-n,
 with its stop string ``"\\\\n"``); ``VIDEO_LAVIT_RELEASE`` reproduces it for multi-turn chat with the
@@ -116,6 +128,34 @@ class ConversationTemplate:
         """Ids of ``messages`` followed by ``ASSISTANT:``: what the model continues at inference."""
         return self.encode([*messages, Message("assistant", None)], tokenizer, visual_ids).input_ids
 
+    def chat_template(self) -> str:
+        """This template as a Hugging Face (Jinja) chat template; see the module docstring."""
+        def lit(text: str) -> str:  # a Jinja string literal (JSON escapes are Jinja escapes too)
+            return json.dumps(text)
+
+        return (
+            "{%- set ns = namespace(system=" + lit(self.system) + ", start=0) -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}{%- endif -%}"
+            "{{- bos_token + ns.system + " + lit(self.sep) + " -}}"
+            "{%- for message in messages[ns.start:] -%}"
+            "{%- set user = (loop.index0 % 2 == 0) -%}"
+            "{%- if message['role'] != ('user' if user else 'assistant') -%}"
+            "{{- raise_exception('turns must alternate user/assistant, starting with the user (one optional "
+            "system message first)') -}}{%- endif -%}"
+            "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+            "{%- else -%}{%- set content = namespace(text='') -%}"
+            "{%- for item in message['content'] -%}"
+            "{%- if item['type'] == 'video' -%}{%- set content.text = content.text + " + lit(VIDEO_PLACEHOLDER + "\n")
+            + " -%}{%- elif item['type'] == 'image' -%}{%- set content.text = content.text + "
+            + lit(IMAGE_PLACEHOLDER + "\n") + " -%}{%- else -%}{%- set content.text = content.text + item['text'] -%}"
+            "{%- endif -%}{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
+            "{%- if user -%}{{- " + lit(self.user_role + ": ") + " + content + " + lit(self.sep) + " -}}"
+            "{%- else -%}{{- " + lit(self.assistant_role + ": ") + " + content + " + lit(self.sep2) + " -}}"
+            "{%- endif -%}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- " + lit(self.assistant_role + ":") + " -}}{%- endif -%}"
+        )
+
     # ---------------------------------------------------------------------------------------------
     def _sep2_pieces(self, eos_token: str | None, eos_id: int | None) -> list[_Piece]:
         if eos_token is None or eos_token not in self.sep2:
@@ -155,6 +195,21 @@ class ConversationTemplate:
         if remaining:
             raise ValueError(f"{len(remaining)} visual input(s) left without a placeholder")
         return pieces
+
+
+def encode_rendered(text: str, tokenizer, visual_ids: Sequence[Sequence[int]] = ()) -> list[int]:
+    """Ids of a rendered chat (``apply_chat_template(..., tokenize=False)``) with ``visual_ids[k]`` in
+    place of its k-th ``<image>``/``<video>`` placeholder; the text is tokenized without adding specials."""
+    chunks = _PLACEHOLDER.split(text)
+    if len(chunks) // 2 != len(visual_ids):
+        raise ValueError(f"{len(chunks) // 2} <image>/<video> placeholder(s) but {len(visual_ids)} visual input(s)")
+    ids: list[int] = []
+    for k, chunk in enumerate(chunks):
+        if k % 2:
+            ids.extend(int(i) for i in visual_ids[k // 2])
+        elif chunk:
+            ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+    return ids
 
 
 def _check_turns(messages: Sequence[Message]) -> None:

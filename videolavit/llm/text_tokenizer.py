@@ -1,15 +1,27 @@
 """Text tokenizer: load the LLM's tokenizer from a local directory, or build a tiny one on the fly.
 
 The text tokenizer owns ids [0, text_size) of the unified vocabulary; visual and motion ids are never
-produced by it (they are inserted by id, see ``sequences``). Loading therefore checks that the
-tokenizer's size is exactly the vocabulary's text size: a larger tokenizer would emit ids that collide
-with ``[IMG]`` and the keyframe codes, a smaller one means the wrong tokenizer directory.
+produced by it from text (they are inserted by id, see ``sequences``). Loading therefore checks that the
+tokenizer has exactly the vocabulary's text ids: a larger tokenizer would emit ids that collide with
+``[IMG]`` and the keyframe codes, a smaller one means the wrong tokenizer directory.
+
+The LLM stages' exports add the four block markers as named special tokens at their vocabulary ids
+(``with_block_markers``: ``[IMG]`` = ``text_size``, ``[/IMG]``, ``[MOV]``, ``[/MOV]``), so that
+``convert_tokens_to_ids("[MOV]")`` and ``decode`` agree with the model's rows. ``[MOV]`` lies past the
+keyframe codes, which have no names: the markers (and any added token already there) are entered in the
+BPE model's vocabulary with their ids (an added-token table can only append ids) and registered as
+special tokens on top. No merge
+produces them, so text ids do not change; with ``split_special_tokens=True`` (what
+``conversation`` uses) a literal "[IMG]" typed by a user stays text. Loading accepts tokenizers with
+or without the markers (exports written before them still load).
 
 Nothing here touches the network: ``AutoTokenizer`` is called with ``local_files_only=True``.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,10 +32,76 @@ from videolavit.llm.vocabulary import Vocabulary
 # Llama's special tokens and ids; the tiny tokenizer copies them so code paths are identical.
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<unk>", "<s>", "</s>"
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+# Names of the block markers, in the order of ``Vocabulary.special_ids``.
+BLOCK_MARKERS = ("[IMG]", "[/IMG]", "[MOV]", "[/MOV]")
 
 
 class TokenizerMismatchError(ValueError):
     """The tokenizer in a directory does not fit the vocabulary layout it is used with."""
+
+
+def block_marker_ids(vocab: Vocabulary) -> dict[str, int]:
+    """Names of the four block markers and their ids in ``vocab``."""
+    return dict(zip(BLOCK_MARKERS, vocab.special_ids))
+
+
+def check_text_ids(tokenizer: PreTrainedTokenizerBase, vocab: Vocabulary, where: str = "the tokenizer") -> None:
+    """Raise ``TokenizerMismatchError`` unless ``tokenizer`` has exactly the text ids [0, text_size), plus
+    (optionally) the block markers at exactly their ids and nothing else."""
+    markers = block_marker_ids(vocab)
+    ids = tokenizer.get_vocab()
+    for name, wanted in markers.items():
+        if name in ids and ids[name] != wanted:
+            raise TokenizerMismatchError(f"{where} maps {name} to {ids[name]} but the vocabulary puts it at {wanted}")
+    text_ids = {i for token, i in ids.items() if token not in markers}
+    stray = sorted(i for i in text_ids if i >= vocab.text_size)
+    if stray or len(text_ids) != vocab.text_size:
+        raise TokenizerMismatchError(
+            f"{where} has {len(text_ids)} text ids{f' (some from {stray[0]} up)' if stray else ''} but the "
+            f"vocabulary's text size is {vocab.text_size}; its ids would not line up with "
+            f"[IMG]={vocab.image_start_id}")
+
+
+def with_block_markers(tokenizer: PreTrainedTokenizerBase, vocab: Vocabulary) -> PreTrainedTokenizerBase:
+    """A copy of ``tokenizer`` with ``[IMG]`` ``[/IMG]`` ``[MOV]`` ``[/MOV]`` as special tokens at their ``vocab`` ids.
+
+    Needs a fast tokenizer with a BPE model (Llama's and the tiny one): its vocabulary is a name -> id map
+    that may skip ids (the keyframe codes between ``[/IMG]`` and ``[MOV]``). Idempotent.
+    """
+    check_text_ids(tokenizer, vocab)
+    markers = block_marker_ids(vocab)
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = backend.get("model", {})
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise TokenizerMismatchError(f"cannot give the block markers their ids in a {model.get('type')} tokenizer "
+                                     "(a BPE tokenizer is needed)")
+    added = {entry["content"]: entry for entry in backend.get("added_tokens", [])}
+    # Pin every added token's id in the model's vocabulary: an added-token table renumbers its entries
+    # from the model's size, which the markers change.
+    for name, entry in added.items():
+        model["vocab"].setdefault(name, entry["id"])
+    for name, token_id in markers.items():
+        model["vocab"][name] = token_id
+        added[name] = {"id": token_id, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                       "normalized": False, "special": True}
+    backend["added_tokens"] = sorted(added.values(), key=lambda entry: entry["id"])
+    from tokenizers import Tokenizer
+
+    out = copy.deepcopy(tokenizer)
+    # The backend swapped in place keeps the tokenizer's own class and settings (a Llama tokenizer stays one).
+    out._tokenizer = Tokenizer.from_str(json.dumps(backend))
+    existing = getattr(out, "extra_special_tokens", None) or getattr(out, "additional_special_tokens", None) or []
+    if isinstance(existing, dict):
+        existing = list(existing.values())
+    names = [str(t) for t in existing if str(t) not in markers] + list(markers)
+    out.add_special_tokens({"additional_special_tokens": names})
+    got = out.convert_tokens_to_ids(list(markers))
+    if got != list(markers.values()):
+        raise TokenizerMismatchError(f"block markers came out at {got} instead of {list(markers.values())}")
+    before = {t: i for t, i in tokenizer.get_vocab().items() if t not in markers}
+    if {t: i for t, i in out.get_vocab().items() if t not in markers} != before:
+        raise TokenizerMismatchError("adding the block markers changed text ids")
+    return out
 
 
 def load_text_tokenizer(directory: str | Path, vocab: Vocabulary | None = None) -> PreTrainedTokenizerBase:
@@ -31,7 +109,7 @@ def load_text_tokenizer(directory: str | Path, vocab: Vocabulary | None = None) 
 
     The tokenizer must be a fast tokenizer (offsets are needed to mask conversation turns), define bos
     and eos, and have exactly ``vocab.text_size`` ids. A missing pad token is set to unk, as LLaVA and
-    the release's understanding runner do for Llama.
+    the release's understanding runner do for Llama. The block markers may be there, at their ids.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -43,10 +121,8 @@ def load_text_tokenizer(directory: str | Path, vocab: Vocabulary | None = None) 
         raise TokenizerMismatchError(f"tokenizer in {directory} defines no bos or eos token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
-    if vocab is not None and len(tokenizer) != vocab.text_size:
-        raise TokenizerMismatchError(
-            f"tokenizer in {directory} has {len(tokenizer)} ids but the vocabulary's text size is "
-            f"{vocab.text_size}; its ids would not line up with [IMG]={vocab.image_start_id}")
+    if vocab is not None:
+        check_text_ids(tokenizer, vocab, where=f"tokenizer in {directory}")
     return tokenizer
 
 
