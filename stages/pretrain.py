@@ -75,6 +75,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from stages.base import OptimizerConfig, StageModule
 from stages.nonfinite_guard import NonFiniteExportError, nonfinite_names
 from stages.staged_export import write_staged
+from videolavit.config_errors import StageConfigError
 from videolavit.llm.flops import training_flops_per_token
 from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
 from videolavit.llm.sharded_weights import (DEFAULT_SHARD_BYTES, SafetensorsDirectory, SafetensorsShardWriter,
@@ -117,7 +118,7 @@ class TokenizerBuild:
     text_files: list[str] = field(default_factory=list)
 
 
-class AttentionImplementationError(ValueError):
+class AttentionImplementationError(StageConfigError):
     """``attn_implementation`` names a kernel that would let packed documents attend to each other."""
 
 

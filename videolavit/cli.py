@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from stages.nonfinite_guard import NonFiniteExportError, NonFiniteTrainingError
+from videolavit.config_errors import StageConfigError
 
 
 class ConfigError(ValueError):
@@ -169,6 +170,17 @@ class VideoLavitCLI(LightningCLI):
         return self.trainer.predict(return_predictions=bool(return_predictions), **kwargs)
 
 
+def stage_config_error(error: BaseException) -> StageConfigError | None:
+    """The ``StageConfigError`` in ``error``'s chain of causes, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, StageConfigError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def run_lightning_cli(argv: list[str]) -> VideoLavitCLI:
     """Run a trainer command. A ``ConfigError`` (a user error) prints one line and exits 2, like an argument
     error; a run stopped by non-finite steps or weights (``stages.nonfinite_guard``) prints one line and exits 1."""
@@ -185,6 +197,12 @@ def run_lightning_cli(argv: list[str]) -> VideoLavitCLI:
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as exc:  # LightningCLI wraps what a stage's constructor raises in its own errors
+        cause = stage_config_error(exc)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
     except (NonFiniteTrainingError, NonFiniteExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
