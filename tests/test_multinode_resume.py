@@ -82,10 +82,14 @@ def _losses(log_dir: Path) -> dict[int, float]:
     return dict(scalars(log_dir)["train/loss"])
 
 
-def _phase(base: dict, root: Path, name: str, max_steps: int, checkpoints: Path) -> Path:
-    """``base`` with its own log directory and the shared checkpoint directory, run to ``max_steps``."""
+def _phase(base: dict, root: Path, name: str, checkpoints: Path, stop_at: int | None = None) -> Path:
+    """``base`` (to RESUMED_TO steps) with its own log directory and checkpoint directory, optionally stopped
+    after step ``stop_at`` (its schedule still that of RESUMED_TO steps)."""
     config = yaml.safe_load(yaml.safe_dump(base))
-    config["trainer"]["max_steps"] = max_steps
+    config["trainer"]["max_steps"] = RESUMED_TO
+    if stop_at is not None:
+        config["trainer"]["callbacks"].append({"class_path": "tests.fault_injection.StopAtStep",
+                                               "init_args": {"step": stop_at}})
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(root / "logs" / name)
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("ModelCheckpoint"):
@@ -95,11 +99,11 @@ def _phase(base: dict, root: Path, name: str, max_steps: int, checkpoints: Path)
     return path
 
 
-def _rehearse(base: dict, root: Path, strategy: list[str], strategy_for) -> None:
+def _rehearse(base: dict, root: Path, strategy_for, learns: bool) -> None:
     """Reference on 1 process; 2 nodes -> save at SAVED_AT -> resume on 1 and on 3 processes to RESUMED_TO."""
-    fit_on_one_node(_phase(base, root, "reference", RESUMED_TO, root / "reference_ckpt"), root, 1, *strategy_for(1))
+    fit_on_one_node(_phase(base, root, "reference", root / "reference_ckpt"), root, 1, *strategy_for(1))
     two_nodes = root / "two_nodes_ckpt"
-    fit_on_two_nodes(_phase(base, root, "two_nodes", SAVED_AT, two_nodes), root, *strategy_for(2))
+    fit_on_two_nodes(_phase(base, root, "two_nodes", two_nodes, stop_at=SAVED_AT), root, *strategy_for(2))
     saved = two_nodes / "last.ckpt"
     meta = _checkpoint_meta(saved)
     assert meta["global_step"] == SAVED_AT
@@ -114,7 +118,7 @@ def _rehearse(base: dict, root: Path, strategy: list[str], strategy_for) -> None
     for processes in (1, 3):
         checkpoints = root / f"resumed{processes}_ckpt"
         shutil.copytree(two_nodes, checkpoints)
-        config = _phase(base, root, f"resumed{processes}", RESUMED_TO, checkpoints)
+        config = _phase(base, root, f"resumed{processes}", checkpoints)
         fit_on_one_node(config, root, processes, "--ckpt_path", str(checkpoints / "last.ckpt"),
                         *strategy_for(processes))
         last = checkpoints / "last.ckpt"
@@ -124,11 +128,20 @@ def _rehearse(base: dict, root: Path, strategy: list[str], strategy_for) -> None
         assert meta["VideoDataModule"]["train_passes"] > saved_passes, processes  # new passes, no replay
         after = _losses(root / "logs" / f"resumed{processes}")
         assert sorted(after) == list(range(SAVED_AT, RESUMED_TO)), processes  # the step count continued
-        # The weights came back: the first resumed step is as far from the untrained loss as the saved run.
-        assert after[SAVED_AT] < before[0] - 0.5 * (before[0] - before[SAVED_AT - 1]), (processes, before, after)
-        tail = sum(after[s] for s in range(RESUMED_TO - 3, RESUMED_TO)) / 3
-        reference_tail = sum(reference[s] for s in range(RESUMED_TO - 3, RESUMED_TO)) / 3
-        assert abs(tail - reference_tail) <= 0.15 * reference_tail, (processes, reference, before, after)
+        logged, reference_logged = scalars(root / "logs" / f"resumed{processes}"), scalars(root / "logs" / "reference")
+        rates = [tag for tag in logged if tag.startswith("lr-")]
+        assert rates, sorted(logged)
+        for tag in rates:  # the schedule went on from the saved step
+            reference_lr = dict(reference_logged[tag])
+            assert [step for step, _ in logged[tag]] == list(range(SAVED_AT, RESUMED_TO)), (processes, tag)
+            for step, lr in logged[tag]:
+                assert lr == pytest.approx(reference_lr[step], rel=1e-6), (processes, tag, step)
+        if learns:  # the weights came back: the resumed loss starts well below the untrained one
+            assert after[SAVED_AT] < before[0] - 0.5 * (before[0] - before[SAVED_AT - 1]), (processes, before, after)
+        # Same data, other ranks' draws: the resumed steps' mean loss is the single-process run's.
+        resumed_mean = sum(after.values()) / len(after)
+        reference_mean = sum(reference[s] for s in after) / len(after)
+        assert abs(resumed_mean - reference_mean) <= 0.2 * reference_mean, (processes, reference, before, after)
 
 
 # ------------------------------------------------------------------------------------------- stage 1a, DDP
@@ -147,8 +160,9 @@ def _motion_tokenizer_config(root: Path, shards: Path) -> dict:
 
 @pytest.mark.slow
 def test_stage1a_ddp_on_two_nodes_resumes_on_one_and_on_three_processes(prepared_shards, tmp_path):
-    _rehearse(_motion_tokenizer_config(tmp_path, prepared_shards), tmp_path, [],
-              lambda processes: ["--trainer.strategy", "ddp"])
+    # The tiny motion tokenizer's loss hardly moves in 10 steps, so only the LLM stage checks it drops.
+    _rehearse(_motion_tokenizer_config(tmp_path, prepared_shards), tmp_path,
+              lambda processes: ["--trainer.strategy", "ddp"], learns=False)
 
 
 # ------------------------------------------------------------------------------------------- stage 2, FSDP2
@@ -165,5 +179,7 @@ def test_stage2_fsdp2_on_two_nodes_resumes_its_distributed_checkpoint_on_one_and
     config = yaml.safe_load(path.read_text())
     config["trainer"]["callbacks"][0]["init_args"].update(every_n_train_steps=SAVED_AT,
                                                           enable_version_counter=False)
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+                                           "init_args": {"logging_interval": "step"}})
     config["data"]["init_args"].update(batch_size=GLOBAL_BATCH, samples_per_epoch=2 * GLOBAL_BATCH)
-    _rehearse(config, tmp_path, [], _model_parallel)
+    _rehearse(config, tmp_path, _model_parallel, learns=True)
