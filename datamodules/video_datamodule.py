@@ -3,9 +3,10 @@
 Training reads resampled shards (an infinite stream) cut into epochs of ``samples_per_epoch``; the
 shard draws, both shuffle buffers and the views' choices are seeded from ``seed`` (by default the seed of
 ``seed_everything``), the rank, the DataLoader worker and the epoch, so a run is reproducible and every
-reader has its own stream. Validation reads each shard once, split across ranks and workers, in a fixed
-order. ``batch_size`` is the *global* batch: each rank gets ``batch_size / (world_size ×
-accumulate_grad_batches)``. Broken shards and samples are skipped, logged with their key and reason,
+reader has its own stream; checkpoints store the epochs (passes) started, so a resumed run goes on
+with new ones. Validation reads each shard once, split across ranks and workers, in a fixed order.
+``batch_size`` is the *global* batch: each rank gets ``batch_size / (world_size × accumulate_grad_batches)``.
+Broken shards and samples are skipped, logged with their key and reason,
 counted and reported as ``data/skipped/<reason>``; each worker's pipeline ends with a skips-only report,
 taken out of the stream in the main process, so skips after a worker's last batch are counted too.
 A reader that only skips (``max_consecutive_skips`` in a row) stops with ``TooManySkips``: an endless

@@ -82,6 +82,10 @@ def _losses(log_dir: Path) -> dict[int, float]:
     return dict(scalars(log_dir)["train/loss"])
 
 
+def _rounded(losses: dict[int, float]) -> dict[int, float]:
+    return {step: round(loss, 4) for step, loss in sorted(losses.items())}
+
+
 def _phase(base: dict, root: Path, name: str, checkpoints: Path, stop_at: int | None = None) -> Path:
     """``base`` (to RESUMED_TO steps) with its own log directory and checkpoint directory, optionally stopped
     after step ``stop_at`` (its schedule still that of RESUMED_TO steps)."""
@@ -141,6 +145,8 @@ def _rehearse(base: dict, root: Path, strategy_for, learns: bool) -> None:
         # Same data, other ranks' draws: the resumed steps' mean loss is the single-process run's.
         resumed_mean = sum(after.values()) / len(after)
         reference_mean = sum(reference[s] for s in after) / len(after)
+        print(f"rehearsal {root.name}: 1 process {_rounded(reference)}; 2 nodes {_rounded(before)}; "
+              f"resumed on {processes} {_rounded(after)}")  # shown with -s
         assert abs(resumed_mean - reference_mean) <= 0.2 * reference_mean, (processes, reference, before, after)
 
 
