@@ -103,7 +103,7 @@ def _phase(base: dict, root: Path, name: str, checkpoints: Path, stop_at: int | 
     return path
 
 
-def _rehearse(base: dict, root: Path, strategy_for, learns: bool) -> None:
+def _rehearse(base: dict, root: Path, strategy_for, learns: bool, tolerance: float) -> None:
     """Reference on 1 process; 2 nodes -> save at SAVED_AT -> resume on 1 and on 3 processes to RESUMED_TO."""
     fit_on_one_node(_phase(base, root, "reference", root / "reference_ckpt"), root, 1, *strategy_for(1))
     two_nodes = root / "two_nodes_ckpt"
@@ -147,7 +147,7 @@ def _rehearse(base: dict, root: Path, strategy_for, learns: bool) -> None:
         reference_mean = sum(reference[s] for s in after) / len(after)
         print(f"rehearsal {root.name}: 1 process {_rounded(reference)}; 2 nodes {_rounded(before)}; "
               f"resumed on {processes} {_rounded(after)}")  # shown with -s
-        assert abs(resumed_mean - reference_mean) <= 0.2 * reference_mean, (processes, reference, before, after)
+        assert abs(resumed_mean - reference_mean) <= tolerance * reference_mean, (processes, reference, before, after)
 
 
 # ------------------------------------------------------------------------------------------- stage 1a, DDP
@@ -166,9 +166,10 @@ def _motion_tokenizer_config(root: Path, shards: Path) -> dict:
 
 @pytest.mark.slow
 def test_stage1a_ddp_on_two_nodes_resumes_on_one_and_on_three_processes(prepared_shards, tmp_path):
-    # The tiny motion tokenizer's loss hardly moves in 10 steps, so only the LLM stage checks it drops.
+    # The tiny motion tokenizer's loss hardly moves in 10 steps and varies from batch to batch by ~15%, so only
+    # the LLM stage checks that it drops, and this tolerance is wide.
     _rehearse(_motion_tokenizer_config(tmp_path, prepared_shards), tmp_path,
-              lambda processes: ["--trainer.strategy", "ddp"], learns=False)
+              lambda processes: ["--trainer.strategy", "ddp"], learns=False, tolerance=0.2)
 
 
 # ------------------------------------------------------------------------------------------- stage 2, FSDP2
@@ -188,4 +189,4 @@ def test_stage2_fsdp2_on_two_nodes_resumes_its_distributed_checkpoint_on_one_and
     config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
                                            "init_args": {"logging_interval": "step"}})
     config["data"]["init_args"].update(batch_size=GLOBAL_BATCH, samples_per_epoch=2 * GLOBAL_BATCH)
-    _rehearse(config, tmp_path, _model_parallel, learns=True)
+    _rehearse(config, tmp_path, _model_parallel, learns=True, tolerance=0.03)
