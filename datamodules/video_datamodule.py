@@ -3,9 +3,10 @@
 Training reads resampled shards (an infinite stream) cut into epochs of ``samples_per_epoch``; the
 shard draws, both shuffle buffers and the views' choices are seeded from ``seed`` (by default the seed of
 ``seed_everything``), the rank, the DataLoader worker and the epoch, so a run is reproducible and every
-reader has its own stream. Validation reads each shard once, split across ranks and workers, in a fixed
-order. ``batch_size`` is the *global* batch: each rank gets ``batch_size / (world_size ×
-accumulate_grad_batches)``. Broken shards and samples are skipped, logged with their key and reason,
+reader has its own stream; checkpoints store the epochs (passes) started, so a resumed run goes on
+with new ones. Validation reads each shard once, split across ranks and workers, in a fixed order.
+``batch_size`` is the *global* batch: each rank gets ``batch_size / (world_size × accumulate_grad_batches)``.
+Broken shards and samples are skipped, logged with their key and reason,
 counted and reported as ``data/skipped/<reason>``; each worker's pipeline ends with a skips-only report,
 taken out of the stream in the main process, so skips after a worker's last batch are counted too.
 A reader that only skips (``max_consecutive_skips`` in a row) stops with ``TooManySkips``: an endless
@@ -71,8 +72,8 @@ class _SeededStage:
 
     purpose = "stage"
 
-    def __init__(self, seed: int, rank: int):
-        self.seed, self.rank, self.passes = seed, rank, 0
+    def __init__(self, seed: int, rank: int, passes: int = 0):
+        self.seed, self.rank, self.passes = seed, rank, passes
 
     def next_rng(self, advance: bool = True) -> random.Random:
         """This pass's RNG; ``advance=False`` gives every pass the first pass's (validation repeats itself)."""
@@ -88,8 +89,9 @@ class _ViewStage(_SeededStage):
 
     purpose = "view"
 
-    def __init__(self, view: SampleView, train: bool, seed: int, rank: int, max_consecutive_skips: int | None = None):
-        super().__init__(seed, rank)
+    def __init__(self, view: SampleView, train: bool, seed: int, rank: int, max_consecutive_skips: int | None = None,
+                 passes: int = 0):
+        super().__init__(seed, rank, passes)
         self.view, self.train, self.max_consecutive_skips = view, train, max_consecutive_skips
 
     def __call__(self, samples):
@@ -101,8 +103,8 @@ class _ViewStage(_SeededStage):
 class _Shuffle(_SeededStage):
     """webdataset's buffered shuffle with a seeded RNG (its default RNG is seeded from pid and time)."""
 
-    def __init__(self, bufsize: int, seed: int, rank: int, purpose: str):
-        super().__init__(seed, rank)
+    def __init__(self, bufsize: int, seed: int, rank: int, purpose: str, passes: int = 0):
+        super().__init__(seed, rank, passes)
         self.bufsize, self.purpose = bufsize, purpose
 
     def __call__(self, items):
@@ -113,6 +115,18 @@ def _end_with_skips_report(batches):
     """Worker-side last stage: the batches, then this pass's final skip counts (skips-only item)."""
     yield from batches
     yield SKIPS.report()
+
+
+class _CountTrainPass:
+    """Main-process stage: each iteration of the training loader is one more pass (see ``state_dict``)."""
+
+    def __init__(self, datamodule: "VideoDataModule"):
+        self.datamodule = datamodule
+
+    def __call__(self, batches):
+        # Runs when the loader's iterator is built, once per epoch, before any batch.
+        self.datamodule.train_passes += 1
+        return batches
 
 
 class _TakeSkipReports:
@@ -169,6 +183,8 @@ class VideoDataModule(pl.LightningDataModule):
         self._logged_skips: dict[str, int] = {}
         # Without a trainer (tests, scripts) the module acts as a single process.
         self.rank, self.world_size, self.accumulate = 0, 1, 1
+        # Training passes (epochs of the stream) started so far, restored on resume (see state_dict).
+        self.train_passes = 0
 
     # ---- distributed layout -------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -190,19 +206,23 @@ class VideoDataModule(pl.LightningDataModule):
         urls = resolve_shards(self.train_shards, self.allow_incomplete)
         per_device = self.per_device_batch_size(self.batch_size)
         seed = self.seed if self.seed is not None else global_seed()
+        passes = self.train_passes  # a resumed run goes on with new passes instead of replaying the first
+        shards = wds.ResampledShards(urls, seed=seed, deterministic=True,
+                                     worker_seed=functools.partial(_worker_seed, self.rank))
+        shards.epoch = passes - 1  # ResampledShards counts its passes from -1, +1 before each
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(urls, seed=seed, deterministic=True,
-                                worker_seed=functools.partial(_worker_seed, self.rank)),
+            shards,
             tar_samples,
-            _Shuffle(self.shuffle_buffer, seed, self.rank, "samples"),
-            _ViewStage(self.view, True, seed, self.rank, self.max_consecutive_skips),
-            _Shuffle(self.shuffle_buffer, seed, self.rank, "examples"),
+            _Shuffle(self.shuffle_buffer, seed, self.rank, "samples", passes),
+            _ViewStage(self.view, True, seed, self.rank, self.max_consecutive_skips, passes),
+            _Shuffle(self.shuffle_buffer, seed, self.rank, "examples", passes),
             wds.batched(per_device, collation_fn=self.view.collate, partial=False),
             _end_with_skips_report,
         )
         batches_per_rank = max(1, self.samples_per_epoch // (per_device * self.world_size))
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers,
                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        loader.append(_CountTrainPass(self))
         loader.append(_TakeSkipReports(self))
         # The length only feeds progress bars; the epoch cut is with_epoch.
         return loader.with_epoch(batches_per_rank).with_length(batches_per_rank, silent=True)
@@ -236,6 +256,20 @@ class VideoDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self):
         return self._eval_dataloader(self.val_shards if self.val_shards is not None else self.train_shards)
+
+    # ---- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Stored in every checkpoint: the training passes started, so that a resumed run (on any number of
+        ranks) draws its shards, shuffles and views from the next pass's seeds instead of replaying the
+        first passes' data in the same order. A pass cut short by the checkpoint is not resumed mid-way:
+        the stream has no position inside a pass, and the next pass's samples are new draws."""
+        return {"train_passes": self.train_passes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        passes = state_dict.get("train_passes", 0)
+        if not isinstance(passes, int) or passes < 0:
+            raise ValueError(f"VideoDataModule checkpoint state: train_passes must be an int >= 0, got {passes!r}")
+        self.train_passes = passes
 
     # ---- skip accounting --------------------------------------------------------------------
     def merge_skips(self, snapshot: dict) -> None:

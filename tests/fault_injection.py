@@ -26,6 +26,18 @@ class KillAtStep(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class StopAtStep(Callback):
+    """Stops ``fit`` (every rank, after that step's checkpoints) at optimizer step ``step`` while its
+    ``max_steps`` and so its schedule stay those of the whole run: a job whose time slot ended."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 class RecordStart(Callback):
     """Appends the global step each ``fit`` starts training at to ``path`` (one line per run)."""
 
