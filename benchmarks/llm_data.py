@@ -61,6 +61,8 @@ def token_corpus(cache: Path, videos: int, per_shard: int = 1000) -> Path:
 
     out = cache / f"tokens_{videos}"
     if (out / "done").is_file():
+        names = sorted(p.name for p in out.glob("tok-*.tar"))
+        write_manifest(out, names, videos, per_shard)  # caches written before manifests were checked
         return out
     out.mkdir(parents=True, exist_ok=True)
     vocab, rng, np_rng = Vocabulary.release(), random.Random(videos), np.random.default_rng(videos)
@@ -81,9 +83,16 @@ def token_corpus(cache: Path, videos: int, per_shard: int = 1000) -> Path:
                 sink.write(encode_token_sample(f"v{n:08d}", caption(rng), {**meta, "source_id": f"v{n}"}, starts,
                                                motions, keyframes, "synthetic", vocab.motion_codes, vocab.visual_codes))
         names.append(name)
-    (out / "manifest.json").write_text(json.dumps({"shards": names, "written": videos}))
+    write_manifest(out, names, videos, per_shard)
     (out / "done").write_text("ok")
     return out
+
+
+def write_manifest(out: Path, names: list[str], videos: int, per_shard: int) -> None:
+    """A finished token job's manifest: the DataModule reads only the shards a complete manifest lists."""
+    counts = {name: min(per_shard, videos - i * per_shard) for i, name in enumerate(names)}
+    (out / "manifest.json").write_text(json.dumps({"complete": True, "shards": names, "written": videos,
+                                                   "shard_samples": counts}))
 
 
 def loader(shards: Path, tokenizer: Path, batch: int = 8):
