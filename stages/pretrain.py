@@ -80,7 +80,8 @@ from videolavit.llm.flops import training_flops_per_token
 from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
 from videolavit.llm.sharded_weights import (DEFAULT_SHARD_BYTES, SafetensorsDirectory, SafetensorsShardWriter,
                                             WeightsError, full_tensor, load_rows_into)
-from videolavit.llm.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer, with_block_markers
+from videolavit.llm.text_tokenizer import (build_tiny_tokenizer, load_text_tokenizer, save_portable_tokenizer,
+                                         with_block_markers)
 from videolavit.llm.vocabulary import Modality, Vocabulary
 
 EXPORT_NAME = "llm"
@@ -595,7 +596,7 @@ class PretrainStage(StageModule):
         config.dtype = dtype or next(iter(state.values())).dtype
         config.save_pretrained(directory)
         GenerationConfig.from_model_config(config).save_pretrained(directory)
-        self.export_tokenizer().save_pretrained(directory)
+        save_portable_tokenizer(self.export_tokenizer(), directory)
         vocab = self.vocabulary
         (directory / VOCABULARY_FILE).write_text(json.dumps({
             "text_size": vocab.text_size, "visual_codes": vocab.visual_codes, "motion_codes": vocab.motion_codes,

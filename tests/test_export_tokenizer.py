@@ -133,3 +133,10 @@ def test_old_exports_without_markers_still_load_and_bad_marker_ids_are_named(exp
     (bad / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(TokenizerMismatchError, match=r"\[MOV\] to 302 but the vocabulary puts it at 318"):
         load_text_tokenizer(bad, VOCAB)
+
+
+def test_exported_tokenizer_config_names_classes_transformers_4_and_5_both_know(export_dir):
+    config = json.loads((export_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # not transformers 5's "TokenizersBackend"
+    assert not isinstance(config.get("extra_special_tokens"), list)  # a list there breaks transformers 4.x
+    assert {"[IMG]", "[/IMG]", "[MOV]", "[/MOV]"} <= set(config["additional_special_tokens"])

@@ -170,3 +170,24 @@ def build_tiny_tokenizer(directory: str | Path, texts: Iterable[str], vocab_size
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+# transformers 5 names its generic fast tokenizer "TokenizersBackend" and lists extra special tokens under
+# "extra_special_tokens"; transformers 4.x knows neither. The names both read:
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def save_portable_tokenizer(tokenizer, directory: str | Path) -> None:
+    """``save_pretrained``, then a ``tokenizer_config.json`` that transformers 4.x and 5.x both load."""
+    tokenizer.save_pretrained(str(directory))
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = list(dict.fromkeys([*config.get("additional_special_tokens", []),
+                                                                  *extra]))
+    elif extra is not None:
+        config["extra_special_tokens"] = extra
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
