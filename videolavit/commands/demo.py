@@ -42,7 +42,7 @@ from videolavit.commands.demo_schedule import Job, JobFailed, Outcome, downstrea
 from videolavit.experiment_configs import tiny_config
 from videolavit.synth.stills import IMAGE_QA_FILE
 
-HELP = ("run the whole chain on the synthetic corpus (CPU, ~12 min on 2 idle cores, independent stages on 2 lanes) "
+HELP = ("run the whole chain on the synthetic corpus (CPU, ~15 min on 2 idle cores, independent stages on 2 lanes) "
         "and write a report with learning checks")
 
 REPO = Path(__file__).resolve().parents[2]
