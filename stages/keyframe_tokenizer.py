@@ -132,7 +132,11 @@ class KeyframeTokenizerStage(StageModule):
         self.loss_config = loss or KeyframeTokenizerLossConfig()
         self.model = KeyframeTokenizer(tokenizer)
         self.decoder = KeyframeFeatureDecoder(decoder)
-        self.backbone = init_backbone(self.model, backbone_weights, backbone_seed, weights_prefix=backbone_prefix)
+        if next(self.model.encoder.parameters()).is_meta:  # built for ``plan``: shapes only, nothing to load
+            self.model.encoder.requires_grad_(False).eval()
+            self.backbone = None
+        else:
+            self.backbone = init_backbone(self.model, backbone_weights, backbone_seed, weights_prefix=backbone_prefix)
         for name, param in self.named_parameters():
             if name.startswith(NOT_TRAINED_HERE):
                 param.requires_grad_(False)

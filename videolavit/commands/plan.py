@@ -155,8 +155,8 @@ def plan_llm(config: dict, layout: dict, args: argparse.Namespace) -> dict:
             "flops_per_step": flops_per_step, "work_per_gpu_step": (tokens_per_gpu_step, "tokens"), "notes": []}
 
 
-def _meta_stage(model_section: dict):
-    """The stage built on the meta device from its YAML (file-backed latent spaces replaced by shapes)."""
+def _build_on_meta(model_section: dict):
+    """A stage (or any ``class_path`` section) built on the meta device from its YAML."""
     import lightning.pytorch as pl
     import torch
     from jsonargparse import ArgumentParser
@@ -164,17 +164,6 @@ def _meta_stage(model_section: dict):
     from videolavit.models.latent_space import LATENT_SPACES
     from videolavit.planning.latent_stand_in import ShapeOnlyLatentSpace
 
-    section = json.loads(json.dumps(model_section))
-    init = section.setdefault("init_args", {})
-    notes = []
-    if "backbone_weights" in init and init["backbone_weights"]:
-        init["backbone_weights"] = None
-        notes.append("keyframe ViT built from its config (its weight file is read in the real run)")
-    latent = init.get("latent_space")
-    if isinstance(latent, dict) and str(latent.get("class_path", "")).endswith("VaeLatentSpace"):
-        init["latent_space"] = {"class_path": f"{ShapeOnlyLatentSpace.__module__}.ShapeOnlyLatentSpace",
-                                "init_args": {"channels": 4, "downsample": 8}}
-        notes.append("the frozen VAE is not counted (its directory is read in the real run)")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(pl.LightningModule, "model")
     # Configs may only name registered latent spaces; the stand-in is registered for this build alone.
@@ -182,34 +171,124 @@ def _meta_stage(model_section: dict):
     LATENT_SPACES[stand_in] = ShapeOnlyLatentSpace
     try:
         with torch.device("meta"):
-            stage = parser.instantiate_classes(parser.parse_object({"model": section})).model
+            return parser.instantiate_classes(parser.parse_object({"model": model_section})).model
     except Exception as error:  # jsonargparse wraps the stage's own errors
         raise PlanError(f"cannot build {model_section.get('class_path')} from the config: "
                         f"{str(error).splitlines()[0]}") from None
     finally:
         LATENT_SPACES.pop(stand_in, None)
+
+
+def _export_config(config_path: str, export_dir: str | None, name: str, what: str) -> tuple[dict, str]:
+    """The ``config`` recorded in ``export_dir``'s ``name``.json, else the ``model.init_args`` of the sibling
+    experiments config that writes that export (this machine has no exports of full runs)."""
+    from videolavit.commands.stage_step_memory import sibling_config
+
+    record = Path(export_dir or "", f"{name}.json")
+    if export_dir and record.is_file():
+        return json.loads(record.read_text())["config"], f"{what} from {record}"
+    sibling = sibling_config(config_path, export_dir)
+    if sibling is None:
+        raise PlanError(f"{what}: {export_dir} is not on this machine and no experiments config writes it; "
+                        "point init_from at an export directory or at runs/<stage>/export of a config beside this one")
+    return _init_args(_read_config(str(sibling))["model"]), f"{what} sized from {sibling}"
+
+
+def _meta_stage(model_section: dict, config_path: str):
+    """The stage built on the meta device from its YAML (file-backed parts replaced by their shapes)."""
+    import torch
+
+    from videolavit.planning.latent_stand_in import ShapeOnlyLatentSpace
+
+    section = json.loads(json.dumps(model_section))
+    init = section.setdefault("init_args", {})
+    class_path = str(section.get("class_path", ""))
+    notes = []
+    if init.get("backbone_weights"):
+        init["backbone_weights"] = None
+        notes.append("keyframe ViT built from its config (its weight file is read in the real run)")
+    latent = init.get("latent_space")
+    if isinstance(latent, dict) and str(latent.get("class_path", "")).endswith("VaeLatentSpace"):
+        init["latent_space"] = {"class_path": f"{ShapeOnlyLatentSpace.__module__}.ShapeOnlyLatentSpace",
+                                "init_args": {"channels": 4, "downsample": 8}}
+        notes.append("the frozen VAE is not counted (its directory is read in the real run)")
+    init_from = init.pop("init_from", None) if class_path.rpartition(".")[0] in (
+        "stages.keyframe_detokenizer", "stages.video_detokenizer") else None
+    for key in ("unet_weights", "unet_init", "weights_from"):  # read in setup, not needed for shapes
+        if init.get(key):
+            init[key] = None
+    stage = _build_on_meta(section)
+    if class_path == "stages.keyframe_detokenizer.KeyframeDetokenizerStage":
+        from videolavit.models.keyframe_detokenizer import KeyframeDetokenizer, KeyframeDetokenizerConfig
+        from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
+        from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
+
+        sizes, source = _export_config(config_path, init_from, "keyframe_tokenizer", "frozen keyframe tokenizer")
+        tokenizer_config = KeyframeTokenizerConfig(**sizes["tokenizer"]) if "tokenizer" in sizes else \
+            KeyframeTokenizerConfig(**sizes)
+        if "decoder" in sizes:
+            decoder = KeyframeFeatureDecoderConfig(**sizes["decoder"])
+        else:
+            decoder_sizes, _ = _export_config(config_path, init_from, "keyframe_feature_decoder", "feature decoder")
+            decoder = KeyframeFeatureDecoderConfig(**decoder_sizes)
+        with torch.device("meta"):
+            stage.tokenizer = KeyframeTokenizer(tokenizer_config).requires_grad_(False).eval()
+            stage.detokenizer = KeyframeDetokenizer(KeyframeDetokenizerConfig(
+                unet=stage.unet_config, decoder=decoder, diffusion=stage.diffusion_config,
+                num_codes=tokenizer_config.num_codes, code_dim=tokenizer_config.code_dim,
+                image_size=stage.image_size, latent_downsample=stage.latent_space.downsample))
+        stage.detokenizer.codebook.requires_grad_(False)
+        notes.append(source)
+    elif class_path == "stages.video_detokenizer.VideoDetokenizerStage" and stage.motion_source == "tokenizer":
+        from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
+
+        sizes, source = _export_config(config_path, init_from, "motion_tokenizer", "frozen motion tokenizer")
+        with torch.device("meta"):
+            stage.motion_tokenizer = MotionTokenizer(MotionTokenizerConfig(**sizes.get("tokenizer", sizes)))
+        stage.motion_tokenizer.requires_grad_(False).eval()
+        notes.append(source)
     return stage, notes
 
 
 def plan_ddp(config: dict, layout: dict, args: argparse.Namespace) -> dict:
-    stage, notes = _meta_stage(config["model"])
+    from videolavit.commands.stage_step_memory import stage_step_memory
+
+    class_path = str(config["model"].get("class_path", ""))
+    stage, notes = _meta_stage(config["model"], args.config)
     trainable = frozen = 0
     frozen_prefixes = tuple(stage.frozen_prefixes())
     for name, param in stage.named_parameters():
         if param.requires_grad and not name.startswith(frozen_prefixes):
             trainable += param.numel()
         else:
+            param.requires_grad_(False)
             frozen += param.numel()
+    view = _init_args(_init_args(config.get("data")).get("view"))
+    checkpointing = _configured_checkpointing(config)
+    step = stage_step_memory(stage, class_path.rpartition(".")[0], layout["micro_batch"], view,
+                             bf16="bf16" in layout["precision"])
     master = 4  # Lightning's mixed precision keeps fp32 weights
     terms = {"parameters": (trainable + frozen) * master, "gradients": trainable * master,
              "ddp_buckets": trainable * master, "optimizer": 2 * trainable * master,
+             "activations": step.activations, "activations_checkpointed": step.activations_checkpointed,
              "reserve": int(args.reserve_gb * GIB)}
-    notes.append("activations not estimated for DDP stages: fits covers parameters, gradients, buckets, optimizer")
-    return {"kind": "ddp", "model_source": config["model"].get("class_path"),
+    if step.activations_checkpointed is None:
+        checkpointing = False
+    used = "activations_checkpointed" if checkpointing else "activations"
+    total = sum(v for k, v in terms.items() if v is not None and not k.startswith("activations")) + terms[used]
+    notes += step.notes
+    return {"kind": "ddp", "model_source": class_path, "activation_checkpointing": checkpointing,
             "parameters_b": (trainable + frozen) / 1e9, "trainable_parameters_b": trainable / 1e9,
-            "terms": terms, "total": sum(terms.values()), "activations_estimated": False,
+            "terms": terms, "total": total, "activations_estimated": True,
             "flops_per_step": None, "work_per_gpu_step": (layout["micro_batch"] * layout["accumulate_grad_batches"],
                                                           "samples"), "notes": notes}
+
+
+def _configured_checkpointing(config: dict) -> bool:
+    """Whether the stage-1 config switches the U-Net's activation checkpointing on."""
+    init = _init_args(config["model"])
+    unet = init.get("unet") or {}
+    return bool(init.get("gradient_checkpointing") or (isinstance(unet, dict) and unet.get("gradient_checkpointing")))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,7 +335,8 @@ def _print(args: argparse.Namespace, config: dict, layout: dict, plan: dict) -> 
         if name.startswith("activations"):
             used = plan["activation_checkpointing"] == (name == "activations_checkpointed")
             mark = "  <- configured" if used else ""
-        print(f"  {name:<26} {value / GIB:10.2f}{mark}")
+        shown = f"{value / GIB:10.2f}" if value is not None else f"{'n/a':>10}"
+        print(f"  {name:<26} {shown}{mark}")
     fits = plan["total"] <= gpu_bytes
     print(f"  {'total':<26} {plan['total'] / GIB:10.2f} of {args.gpu_memory_gb:g} -> "
           f"{'fits' if fits else 'DOES NOT FIT'}")
@@ -264,7 +344,8 @@ def _print(args: argparse.Namespace, config: dict, layout: dict, plan: dict) -> 
                "micro_batch": layout["micro_batch"], "accumulate_grad_batches": layout["accumulate_grad_batches"],
                "per_rank_gb": round(plan["total"] / GIB, 3), "gpu_memory_gb": args.gpu_memory_gb, "fits": fits,
                "activations_estimated": plan["activations_estimated"],
-               "terms_gb": {k: round(v / GIB, 3) for k, v in terms.items()}}
+               "activation_checkpointing": plan["activation_checkpointing"],
+               "terms_gb": {k: (round(v / GIB, 3) if v is not None else None) for k, v in terms.items()}}
     flops = plan["flops_per_step"]
     if flops:
         peak = args.peak_tflops * 1e12 * world
