@@ -81,15 +81,18 @@ def run_plan(capsys, *args) -> tuple[int, str, dict | None]:
 
 LLM_CONFIGS = ["stage2_pretrain.yaml", "stage3_instruct.yaml"]
 DDP_CONFIGS = ["stage1_motion_tokenizer.yaml", "stage1_motion_tokenizer_paper256.yaml",
-               "stage1_motion_tokenizer_paper64.yaml", "stage1_video_detokenizer.yaml",
+               "stage1_motion_tokenizer_paper64.yaml", "stage1_keyframe_tokenizer.yaml",
+               "stage1_keyframe_detokenizer.yaml", "stage1_video_detokenizer.yaml",
                "stage1_video_detokenizer_1024x576.yaml"]
-# The keyframe stages cannot be built on the meta device yet (their frozen ViT is initialised by copying).
-UNPLANNED_CONFIGS = ["stage1_keyframe_detokenizer.yaml", "stage1_keyframe_tokenizer.yaml"]
+# g_V at 1024x576 does not fit 80 GB even at 1 clip per GPU: diffusers' spatio-temporal blocks checkpoint
+# their resnets only, the temporal transformers keep their activations.
+DOES_NOT_FIT = {"stage1_video_detokenizer_1024x576.yaml"}
+U_NET_CONFIGS = {"stage1_keyframe_detokenizer.yaml", "stage1_video_detokenizer.yaml",
+                 "stage1_video_detokenizer_1024x576.yaml"}
 
 
 def test_every_full_config_is_listed_here():
-    assert sorted(LLM_CONFIGS + DDP_CONFIGS + UNPLANNED_CONFIGS) == sorted(
-        p.name for p in (REPO / "experiments").glob("stage*.yaml"))
+    assert sorted(LLM_CONFIGS + DDP_CONFIGS) == sorted(p.name for p in (REPO / "experiments").glob("stage*.yaml"))
 
 
 @pytest.mark.parametrize("config", LLM_CONFIGS)
@@ -102,20 +105,24 @@ def test_llm_configs_are_planned_and_fit_an_80_gb_gpu(capsys, config):
     assert "ASSUMED Llama-2-7B shape" in text  # /models/... is not on this machine, and the output says so
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", DDP_CONFIGS)
-def test_ddp_configs_count_replicated_parameter_terms(capsys, config):
+def test_ddp_configs_are_planned_with_their_activations(capsys, config):
     code, text, summary = run_plan(capsys, "--config", str(REPO / "experiments" / config))
     assert code == 0, text
     terms = summary["terms_gb"]
-    assert summary["activations_estimated"] is False and summary["fits"] is True
+    assert summary["activations_estimated"] is True
+    assert summary["fits"] is (config not in DOES_NOT_FIT), text
     assert terms["optimizer"] == pytest.approx(2 * terms["gradients"], abs=2e-3)
-    assert terms["parameters"] >= terms["gradients"] > 0
-
-
-@pytest.mark.parametrize("config", UNPLANNED_CONFIGS)
-def test_configs_plan_cannot_build_get_a_one_line_error(capsys, config):
-    code, text, _ = run_plan(capsys, "--config", str(REPO / "experiments" / config))
-    assert code == 2 and "cannot build stages.keyframe" in text
+    assert terms["parameters"] >= terms["gradients"] > 0 and terms["activations"] > 0
+    if config in U_NET_CONFIGS:
+        assert summary["activation_checkpointing"] is True
+        assert 0 < terms["activations_checkpointed"] < terms["activations"]
+    else:
+        assert terms["activations_checkpointed"] is None and "no activation checkpointing switch" in text
+    fixed = sum(v for k, v in terms.items() if v is not None and not k.startswith("activations"))
+    used = terms["activations_checkpointed"] if summary["activation_checkpointing"] else terms["activations"]
+    assert summary["per_rank_gb"] == pytest.approx(fixed + used, abs=5e-3)
 
 
 def test_more_gpus_shard_the_llm_and_fewer_need_more_memory(capsys):
@@ -136,3 +143,19 @@ def test_bad_plan_input_is_one_line_and_exit_2(capsys, tmp_path):
     bad.write_text(yaml.safe_dump({"model": {"class_path": "stages.nothing.Stage"}}))
     code, text, _ = run_plan(capsys, "--config", str(bad))
     assert code == 2 and "stages.nothing.Stage" in text
+    code, text, _ = run_plan(capsys)
+    assert code == 2 and "--config" in text and "--all" in text
+    code, text, _ = run_plan(capsys, "--all", str(tmp_path))
+    assert code == 2 and "no stage*.yaml" in text
+
+
+def test_plan_all_ends_with_one_json_line_for_every_config(capsys, tmp_path):
+    for name in LLM_CONFIGS:
+        (tmp_path / name).write_text((REPO / "experiments" / name).read_text())
+    code = main(["plan", "--all", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert [Path(c["config"]).name for c in summary["configs"]] == sorted(LLM_CONFIGS)
+    assert summary["fits"] is True and summary["per_rank_gb"] == max(c["per_rank_gb"] for c in summary["configs"])
+    assert all(name in out for name in LLM_CONFIGS)

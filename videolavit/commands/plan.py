@@ -10,10 +10,11 @@ batch and the micro-batch and change the gradient accumulation. The last line is
 LLM stages (FSDP2): the architecture comes from ``llm_path``'s config.json when that directory exists,
 else from ``llm_config``, else (labelled) Llama-2-7B's shape with the config's vocabulary. Stage-1 stages
 (DDP): each rank holds the whole model, its gradients, DDP's gradient buckets and the optimizer state;
-the trainable networks are built on the meta device from the YAML to count them exactly (frozen parts
-whose files are absent here are not counted and the output says so). Their activations are not
-estimated (their forwards take data-dependent branches that need real tensors), so ``fits`` for them
-covers the parameter-sized terms only and is labelled ``activations_estimated: false``.
+the networks are built on the meta device from the YAML to count them exactly (frozen parts whose files
+are absent here are sized from the experiments config that writes them, or not counted, and the output
+says so). Their activations are the peak of one training step's forward and backward at the
+micro-batch, run on fake tensors (``stage_step_memory``), with the U-Nets' activation checkpointing on
+and off. ``--all`` plans every experiments/stage*.yaml and ends with a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class PlanError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="a full training config (experiments/<stage>.yaml)")
+    parser.add_argument("--config", default=None, help="a full training config (experiments/<stage>.yaml)")
+    parser.add_argument("--all", nargs="?", const="experiments", default=None, metavar="DIR",
+                        help="plan every stage*.yaml in DIR (default experiments) and end with a table")
     parser.add_argument("--nodes", type=int, default=None, help="nodes (default: trainer.num_nodes)")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: trainer.devices)")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
@@ -291,36 +294,68 @@ def _configured_checkpointing(config: dict) -> bool:
     return bool(init.get("gradient_checkpointing") or (isinstance(unet, dict) and unet.get("gradient_checkpointing")))
 
 
+def plan_config(path: str, args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """(config, layout, plan) of one config file; PlanError when it cannot be planned."""
+    config = _read_config(path)
+    class_path = str(config["model"].get("class_path", ""))
+    known = {"stages.motion_tokenizer", "stages.keyframe_tokenizer", "stages.keyframe_detokenizer",
+             "stages.video_detokenizer"}
+    if class_path not in LLM_STAGES and class_path.rpartition(".")[0] not in known:
+        raise PlanError(f"plan does not know the stage {class_path!r} (model.class_path)")
+    layout = _layout(config, args)
+    if class_path in LLM_STAGES:
+        return config, layout, plan_llm(config, layout, args)
+    strategy = (config.get("trainer") or {}).get("strategy")
+    if strategy not in ("ddp", None):
+        raise PlanError(f"{class_path} with strategy {strategy!r}: plan knows FSDP2 for the LLM stages and "
+                        "DDP for the others")
+    return config, layout, plan_ddp(config, layout, args)
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = _read_config(args.config)
-        class_path = str(config["model"].get("class_path", ""))
-        known = {"stages.motion_tokenizer", "stages.keyframe_tokenizer", "stages.keyframe_detokenizer",
-                 "stages.video_detokenizer"}
-        if class_path not in LLM_STAGES and class_path.rpartition(".")[0] not in known:
-            raise PlanError(f"plan does not know the stage {class_path!r} (model.class_path)")
-        layout = _layout(config, args)
-        if class_path in LLM_STAGES:
-            plan = plan_llm(config, layout, args)
-        elif class_path.startswith("stages."):
-            strategy = (config.get("trainer") or {}).get("strategy")
-            if strategy not in ("ddp", None):
-                raise PlanError(f"{class_path} with strategy {strategy!r}: plan knows FSDP2 for the LLM stages and "
-                                "DDP for the others")
-            if class_path.rpartition(".")[0] not in {"stages.motion_tokenizer", "stages.keyframe_tokenizer",
-                                                     "stages.keyframe_detokenizer", "stages.video_detokenizer"}:
-                raise PlanError(f"plan does not know the stage {class_path}")
-            plan = plan_ddp(config, layout, args)
-        else:
-            raise PlanError(f"plan does not know the stage {class_path!r}: model.class_path must be a stages.* class")
-    except PlanError as error:
-        print(f"error: {error}", file=sys.stderr)
+    if (args.config is None) == (args.all is None):
+        print("error: pass --config experiments/<stage>.yaml or --all [experiments]", file=sys.stderr)
         return 2
-    _print(args, config, layout, plan)
+    paths = [args.config] if args.config else sorted(str(p) for p in Path(args.all).glob("stage*.yaml"))
+    if not paths:
+        print(f"error: --all {args.all}: no stage*.yaml configs there", file=sys.stderr)
+        return 2
+    summaries = []
+    for path in paths:
+        try:
+            args.config = path
+            config, layout, plan = plan_config(path, args)
+        except PlanError as error:
+            print(f"error: {path}: {error}" if len(paths) > 1 else f"error: {error}", file=sys.stderr)
+            return 2
+        summaries.append(_print(args, config, layout, plan))
+        if len(paths) > 1:
+            print()
+    if len(paths) > 1:
+        _print_all(summaries)
     return 0
 
 
-def _print(args: argparse.Namespace, config: dict, layout: dict, plan: dict) -> None:
+def _print_all(summaries: list[dict]) -> None:
+    """One row per config, then one JSON line for all of them."""
+    def gb(value):
+        return f"{value:8.2f}" if value is not None else f"{'n/a':>8}"
+
+    print(f"{'config':<46} {'ranks':>5} {'micro':>5} {'params+grads+opt GB':>20} {'acts GB':>8} "
+          f"{'acts ckpt GB':>12} {'ckpt':>5} {'per rank GB':>11} fits")
+    for s in summaries:
+        terms = s["terms_gb"]
+        fixed = sum(v for k, v in terms.items() if v is not None and not k.startswith("activations")
+                    and k != "reserve")
+        print(f"{Path(s['config']).name:<46} {s['world']:>5} {s['micro_batch']:>5} {fixed:>20.2f} "
+              f"{gb(terms['activations'])} {gb(terms['activations_checkpointed']):>12} "
+              f"{'on' if s['activation_checkpointing'] else 'off':>5} {s['per_rank_gb']:>11.2f} "
+              f"{'yes' if s['fits'] else 'NO'}")
+    print(json.dumps({"configs": summaries, "per_rank_gb": max(s["per_rank_gb"] for s in summaries),
+                      "fits": all(s["fits"] for s in summaries)}))
+
+
+def _print(args: argparse.Namespace, config: dict, layout: dict, plan: dict) -> dict:
     world, gpu_bytes = layout["world"], args.gpu_memory_gb * GIB
     print(f"config: {args.config} ({config['model']['class_path']}, {plan['kind']}, {world} ranks = "
           f"{layout['nodes']} nodes x {layout['gpus_per_node']} GPUs)")
@@ -367,3 +402,4 @@ def _print(args: argparse.Namespace, config: dict, layout: dict, plan: dict) -> 
     for note in plan["notes"]:
         print(f"note: {note}")
     print(json.dumps(summary))
+    return summary
