@@ -13,7 +13,15 @@ Stages measured (their real training step code, random inputs so no data pipelin
 * ``motion_tokenizer``: ``MotionTokenizerStage`` at the release size (experiments/stage1_motion_tokenizer.yaml),
   bf16 autocast, ``--motion-batch`` clips per step.
 
-The U-Net stages (keyframe and video detokenizers) are not measured by this script.
+* ``keyframe_unet`` (g_I): the keyframe detokenizer's U-Net at the sizes of
+  experiments/stage1_keyframe_detokenizer.yaml (SDXL's, full width and depth), bf16 autocast, its
+  activation checkpointing as configured, ``--unet-batch`` latents of ``--image-size`` / 8 with the
+  feature decoder's 256 context tokens; an epsilon MSE step (the conditioning networks are not run).
+* ``video_unet`` (g_V): ``VideoDetokenizer`` at the sizes of experiments/stage1_video_detokenizer.yaml
+  (SVD-xt's U-Net and the motion-condition encoder, full width and depth), bf16 autocast, checkpointing,
+  ``--unet-batch`` clips of 24 frames at ``--video-size`` / 8 latents; its own conditioning and EDM loss.
+
+``--tiny`` takes the U-Net sizes from experiments/tiny/ instead.
 Prints a table and, last, one JSON line.
 """
 
@@ -134,6 +142,80 @@ def bench_motion_tokenizer(args, device: torch.device) -> dict:
             "peak_memory_gb": _peak_gb(device)}
 
 
+def _model_sizes(name: str, tiny: bool) -> dict:
+    import yaml
+
+    path = REPO / "experiments" / ("tiny/" + name.split("_", 1)[1] if tiny else name)
+    return yaml.safe_load(path.with_suffix(".yaml").read_text())["model"]["init_args"]
+
+
+def _train_loop(model: torch.nn.Module, loss_fn, device: torch.device, args) -> float:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            loss = loss_fn()
+        loss.float().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return _timed(step, device, args.warmup, args.steps)
+
+
+def bench_keyframe_unet(args, device: torch.device) -> dict:
+    from videolavit.models.keyframe_unet import KeyframeUNet, KeyframeUNetConfig
+
+    config = KeyframeUNetConfig(**_model_sizes("stage1_keyframe_detokenizer", args.tiny)["unet"])
+    unet = KeyframeUNet(config).to(device).train()
+    side = args.image_size // (1 if args.tiny else 8)  # the tiny config diffuses pixels
+    b = args.unet_batch
+    x = torch.randn(b, config.in_channels, side, side, device=device)
+    context = torch.randn(b, 256 if not args.tiny else 16, config.context_dim, device=device)
+    pooled = torch.randn(b, config.pooled_dim, device=device)
+    time_ids = torch.tensor([[args.image_size, args.image_size, 0, 0, args.image_size, args.image_size]] * b,
+                            dtype=torch.float32, device=device)
+    c_noise = torch.rand(b, device=device) * 999
+
+    def loss_fn():
+        out = unet(x, c_noise, context=context, pooled=pooled, time_ids=time_ids)
+        return (out.float() - x).pow(2).mean()
+
+    step_s = _train_loop(unet, loss_fn, device, args)
+    return {"stage": "keyframe_unet", "batch": b, "resolution": f"{args.image_size}x{args.image_size}",
+            "checkpointing": config.gradient_checkpointing, "step_s": step_s, "throughput": b / step_s,
+            "unit": "images/s", "mfu": None, "peak_memory_gb": _peak_gb(device)}
+
+
+def bench_video_unet(args, device: torch.device) -> dict:
+    from videolavit.models.video_detokenizer import VideoDetokenizer, VideoDetokenizerConfig
+
+    sizes = _model_sizes("stage1_video_detokenizer", args.tiny)
+    model = VideoDetokenizer(VideoDetokenizerConfig(**sizes["detokenizer"])).to(device).train()
+    if sizes.get("gradient_checkpointing", not args.tiny):
+        model.unet.enable_gradient_checkpointing()
+    cfg = model.config
+    down = 1 if args.tiny else 8
+    h, w = (s // down for s in args.video_size)
+    frames, b, channels = cfg.motion_encoder.num_frames, args.unet_batch, model.latent_channels
+    x0 = torch.randn(b, frames, channels, h, w, device=device)
+    keyframe = torch.randn(b, channels, h, w, device=device)
+    motion = torch.randn(b, 2, frames, cfg.motion_encoder.height, cfg.motion_encoder.width, device=device)
+
+    def loss_fn():
+        return model.loss(x0, model.conditioning(keyframe, motion))
+
+    step_s = _train_loop(model, loss_fn, device, args)
+    return {"stage": "video_unet", "batch": b, "resolution": f"{args.video_size[0]}x{args.video_size[1]}x{frames}",
+            "checkpointing": model.unet.is_gradient_checkpointing, "step_s": step_s, "throughput": b / step_s,
+            "unit": "clips/s", "mfu": None, "peak_memory_gb": _peak_gb(device)}
+
+
+STAGES = ("llm", "motion_tokenizer", "keyframe_unet", "video_unet")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on CPU (a check that the script runs)")
@@ -145,10 +227,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; tiny 2)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                         help=f"the GPU's peak dense bf16 TFLOP/s for MFU (default {H100_BF16_DENSE_TFLOPS:g}: H100 SXM)")
-    parser.add_argument("--only", choices=["llm", "motion_tokenizer"], default=None)
+    parser.add_argument("--unet-batch", type=int, default=None, help="images / clips per U-Net step (default 2; tiny 1)")
+    parser.add_argument("--image-size", type=int, default=None, help="g_I pixels (default 1024; tiny 16)")
+    parser.add_argument("--video-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="g_V pixels (default 384 384; tiny 16 16)")
+    parser.add_argument("--only", choices=STAGES, default=None)
     args = parser.parse_args(argv)
     defaults = dict(llm_layers=(2, 8), llm_batch=(2, 4), seq_len=(32, 2048), motion_batch=(2, 16), warmup=(1, 3),
-                    steps=(2, 10))
+                    steps=(2, 10), unet_batch=(1, 2), image_size=(16, 1024), video_size=((16, 16), (384, 384)))
     for name, (tiny, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
@@ -170,8 +256,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 results.append(bench_llm(args, device, Path(scratch)))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            if args.only in (None, "motion_tokenizer"):
-                results.append(bench_motion_tokenizer(args, device))
+            for name, bench in (("motion_tokenizer", bench_motion_tokenizer), ("keyframe_unet", bench_keyframe_unet),
+                                ("video_unet", bench_video_unet)):
+                if args.only in (None, name):
+                    results.append(bench(args, device))
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
     finally:
         torch.distributed.destroy_process_group()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
