@@ -83,8 +83,9 @@ from videolavit.llm.sequences import (
 )
 from videolavit.llm.text_tokenizer import load_text_tokenizer
 from videolavit.llm.token_shards import MISSING_TOKENS, TokenSample, decode_token_sample
-from videolavit.llm.video_codes import KEYFRAME_EXPORT, VideoCoder, exports_fingerprint, video_block_ids
+from videolavit.llm.video_codes import VideoCoder, exports_fingerprint, video_block_ids
 from videolavit.llm.vocabulary import Vocabulary
+from videolavit.models.export_names import KEYFRAME_TOKENIZER
 from videolavit.video import errors
 from videolavit.video.clips import CLIP_FRAMES
 
@@ -164,7 +165,7 @@ class VideoTokenView(SampleView):
             return None
         if self._fingerprints is None:
             found = {exports_fingerprint(self.tokenizer_exports, None)}
-            if (Path(self.tokenizer_exports) / f"{KEYFRAME_EXPORT}.json").is_file():
+            if (Path(self.tokenizer_exports) / f"{KEYFRAME_TOKENIZER}.json").is_file():
                 found.add(exports_fingerprint(self.tokenizer_exports, self.tokenizer_exports))
             self._fingerprints = found
         return self._fingerprints

@@ -76,6 +76,7 @@ from videolavit.models.export import (
     save_diffusers_subfolder,
     save_export,
 )
+from videolavit.models.export_names import KEYFRAME_DETOKENIZER, KEYFRAME_TOKENIZER
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoder, KeyframeFeatureDecoderConfig
 from videolavit.models.keyframe_unet import KeyframeUNet, KeyframeUNetConfig, time_ids
 from videolavit.models.latent_space import (
@@ -86,7 +87,7 @@ from videolavit.models.latent_space import (
 )
 from videolavit.models.vector_quantizer import Codebook
 
-EXPORT_NAME = "keyframe_detokenizer"
+EXPORT_NAME = KEYFRAME_DETOKENIZER
 CONDITION_HEADS = ("unet_proj_1.", "unet_proj_2.", "unet_attnpool.")  # of the feature decoder: trained here
 UNCONDITIONAL_KEYS = ("context", "pooled")  # zeroed for the unconditional branch (release); time_ids kept
 SAMPLERS = ("euler", "ddim", "euler_ancestral")
@@ -482,7 +483,7 @@ def save_keyframe_detokenizer(model: KeyframeDetokenizer, directory: str | Path,
     save_diffusers_subfolder(model.unet.net, directory, UNET_SUBFOLDER)
     save_diffusers_scheduler(diffusers_scheduler_config(model.config.diffusion), directory, SCHEDULER_SUBFOLDER)
     extra = {"latent_space": export_latent_space(latent_space, directory), "unet": UNET_SUBFOLDER,
-             "scheduler": SCHEDULER_SUBFOLDER, "keyframe_tokenizer": relative_paths(provenance or {}, directory)}
+             "scheduler": SCHEDULER_SUBFOLDER, KEYFRAME_TOKENIZER: relative_paths(provenance or {}, directory)}
     return save_export(model, directory, name, model.config, extra=extra, exclude=(UNET_PREFIX,))
 
 

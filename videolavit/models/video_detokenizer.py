@@ -61,6 +61,7 @@ from videolavit.models.export import (
     save_diffusers_subfolder,
     save_export,
 )
+from videolavit.models.export_names import VIDEO_DETOKENIZER
 from videolavit.models.latent_space import (
     LatentSpace,
     LatentSpaceReferenceError,
@@ -71,7 +72,7 @@ from videolavit.models.latent_space import (
 from videolavit.models.motion_condition_encoder import MotionConditionEncoder, MotionConditionEncoderConfig
 from videolavit.models.video_unet import VideoUNet, VideoUNetConfig
 
-EXPORT_NAME = "video_detokenizer"
+EXPORT_NAME = VIDEO_DETOKENIZER
 # what the release's classifier-free guidance zeroes for the unconditional branch (the time ids stay)
 UNCONDITIONAL_KEYS = ("keyframe_latent", "motion_field", "motion_context")
 RESIDUAL_BASE = "residual_base"  # cond key of the clean keyframe latent [b, C, h, w] (keyframe_residual only)
