@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from datamodules.tokenize_shards import TokenizeConfig, run_tokenize
 from stages.base import OptimizerConfig
-from stages.pretrain import NEW_ROW_PARAMETERS, VOCABULARY_FILE, PretrainStage, TokenizerBuild, default_optimizer
+from stages.pretrain import NEW_ROW_PARAMETERS, PretrainStage, TokenizerBuild, default_optimizer
 from videolavit.__main__ import main
 from videolavit.llm.flops import training_flops_per_token
 from videolavit.llm.sequences import IGNORE_INDEX, collate_packed_rows, multimodal_pair, pack_documents
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer
-from videolavit.llm.vocabulary import Vocabulary
+from videolavit.llm.vocabulary import VOCABULARY_FILE, Vocabulary
 from videolavit.synth.moving_shapes import plan_corpus
 from tests.tensorboard_scalars import scalars
 from tests.tiny_tokenizers import build_tokenizer_exports
