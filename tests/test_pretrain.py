@@ -263,8 +263,9 @@ def write_config(root: Path, shards: Path, inputs: dict, **trainer) -> Path:
             "init_args": {
                 "train_shards": str(shards), "val_shards": str(shards),
                 "view": {"class_path": "datamodules.llm_views.PretrainSequenceView",
-                         "init_args": {"tokenizer_path": str(root / "text_tokenizer"), "vocabulary": vocabulary,
-                                       "seq_len": 128, "tokenizer_exports": str(inputs["exports"]),
+                         "init_args": {"tokens": {"tokenizer_path": str(root / "text_tokenizer"),
+                                                  "vocabulary": vocabulary, "seq_len": 128,
+                                                  "tokenizer_exports": str(inputs["exports"])},
                                        "text_corpus": str(inputs["text"]), "val_text_corpus": str(inputs["text"]),
                                        "weights": {"video_text": 1.0, "text": 0.5}}},
                 "batch_size": 4, "samples_per_epoch": 64, "shuffle_buffer": 8, "num_workers": 0},
