@@ -97,11 +97,12 @@ def write_manifest(out: Path, names: list[str], videos: int, per_shard: int) -> 
 
 def loader(shards: Path, tokenizer: Path, batch: int = 8):
     from datamodules.llm_views import PretrainSequenceView
+    from datamodules.token_source import TokenSource
     from datamodules.video_datamodule import VideoDataModule
     from videolavit.llm.vocabulary import Vocabulary
 
-    view = PretrainSequenceView(tokenizer_path=str(tokenizer), vocabulary=Vocabulary.release(), seq_len=2048,
-                                weights={"video_text": 1.0}, open_rows=8)
+    tokens = TokenSource(tokenizer_path=str(tokenizer), vocabulary=Vocabulary.release(), seq_len=2048, open_rows=8)
+    view = PretrainSequenceView(tokens, weights={"video_text": 1.0})
     dm = VideoDataModule(train_shards=str(shards), view=view, batch_size=batch, samples_per_epoch=10 ** 9,
                          shuffle_buffer=1000, num_workers=0)
     return dm.train_dataloader(), view

@@ -72,9 +72,10 @@ from typing import Literal
 
 from datamodules.line_streams import reader_slot
 from datamodules.image_files import UNREADABLE_IMAGE, load_image
-from datamodules.llm_views import KeyframeSource, VideoTokenView
+from datamodules.llm_views import VideoTokenView
 from datamodules.sample_format import sanitize_key
 from datamodules.skip_tracker import SKIPS
+from datamodules.token_source import TokenSource
 from videolavit.inference.video_chat import template_by_name
 from videolavit.llm.conversation import (
     VIDEO_PLACEHOLDER,
@@ -85,9 +86,7 @@ from videolavit.llm.conversation import (
     read_video_qa,
 )
 from videolavit.llm.sequences import IGNORE_INDEX, PackedRow, TokenSequence, image_token_ids, pack_documents
-from videolavit.llm.vocabulary import Vocabulary
 from videolavit.video import errors
-from videolavit.video.clips import CLIP_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +167,8 @@ ALL_TOO_LONG_AFTER = 64  # this many conversations too long for a row, and none 
 class InstructionSequenceView(VideoTokenView):
     """Conversation rows for stage 3 (module docstring: sources, skips, batch keys).
 
-    Args (besides ``VideoTokenView``'s: tokenizer, vocabulary, seq_len, keyframe source, exports, open_rows, clips):
+    Args:
+        tokens: what every LLM view shares (``TokenSource``: tokenizer, vocabulary, seq_len, exports, clips, ...).
         conversations: local annotation file(s) of the training videos (synthetic ``qa.json``, Video-ChatGPT
             JSON or LLaVA-form video conversations).
         val_conversations: the same for the validation shards (None: ``conversations``).
@@ -185,22 +185,13 @@ class InstructionSequenceView(VideoTokenView):
 
     name = "instruction_sequence"
 
-    def __init__(self, tokenizer_path: str, vocabulary: Vocabulary | None = None, seq_len: int = 2048,
-                 conversations: str | list[str] | None = None, val_conversations: str | list[str] | None = None,
-                 conversation_format: ConversationFormat = "auto",
+    def __init__(self, tokens: TokenSource, conversations: str | list[str] | None = None,
+                 val_conversations: str | list[str] | None = None, conversation_format: ConversationFormat = "auto",
                  turns: Literal["separate", "merged"] = "separate",
                  image_conversations: str | None = None, val_image_conversations: str | None = None,
                  image_root: str | None = None, weights: dict[str, float] | None = None, template: str = "v1",
-                 overlong: Literal["skip", "truncate"] = "skip", pack: bool = True,
-                 keyframe_source: KeyframeSource = "tokens", tokenizer_exports: str | None = None,
-                 image_tokenizer_export: str | None = None, keyframe_backbone_weights: str | None = None,
-                 open_rows: int = 4, tokenizer_device: str = "cpu", clip_frames: int = CLIP_FRAMES,
-                 max_clips: int = 8, clips_per_video: str = "all"):
-        super().__init__(tokenizer_path, vocabulary=vocabulary, seq_len=seq_len, keyframe_source=keyframe_source,
-                         tokenizer_exports=tokenizer_exports, image_tokenizer_export=image_tokenizer_export,
-                         keyframe_backbone_weights=keyframe_backbone_weights, tokenizer_device=tokenizer_device,
-                         open_rows=open_rows, clip_frames=clip_frames, max_clips=max_clips,
-                         clips_per_video=clips_per_video)
+                 overlong: Literal["skip", "truncate"] = "skip", pack: bool = True):
+        super().__init__(tokens)
         as_list = lambda x: [x] if isinstance(x, str) else list(x or [])  # noqa: E731
         self.conversations, self.val_conversations = as_list(conversations), as_list(val_conversations)
         self.conversation_format, self.turns = conversation_format, turns

@@ -25,7 +25,7 @@ only decode small integer arrays: no tokenizer runs in a data worker.
 
 ``VideoTokenView`` is the shared base of the LLM views (this one and stage 3's
 ``datamodules.instruct_views.InstructionSequenceView``): the text tokenizer, the id layout, reading and checking
-token samples, and ``collate``.
+token samples, and ``collate``; its arguments are one ``datamodules.token_source.TokenSource`` (``tokens`` in YAML).
 
 Keyframes (``keyframe_source``): ``"tokens"`` (default) reads each clip's keyframe ids from the token shards;
 ``"none"`` drops them - each clip is ``[MOV] motion codes [/MOV]`` only, a reduced setting for runs without a
@@ -69,6 +69,7 @@ import numpy as np
 from datamodules.image_files import load_image_text_pair
 from datamodules.line_streams import read_text_lines, reader_lines
 from datamodules.skip_tracker import SKIPS, SKIPS_KEY
+from datamodules.token_source import TokenSource
 from datamodules.views import SampleView
 from videolavit.llm.sequences import (
     PackedRow,
@@ -83,12 +84,10 @@ from videolavit.llm.sequences import (
 )
 from videolavit.llm.text_tokenizer import load_text_tokenizer
 from videolavit.llm.token_shards import MISSING_TOKENS, TokenSample, decode_token_sample
-from videolavit.llm.video_codes import KEYFRAME_EXPORT, VideoCoder, exports_fingerprint, video_block_ids
+from videolavit.llm.video_codes import VideoCoder, exports_fingerprint, video_block_ids
 from videolavit.llm.vocabulary import Vocabulary
+from videolavit.models.export_names import KEYFRAME_TOKENIZER
 from videolavit.video import errors
-from videolavit.video.clips import CLIP_FRAMES
-
-KeyframeSource = Literal["tokens", "none"]
 
 
 def captions_of_shards(shards: str | list[str]) -> Iterator[str]:
@@ -111,41 +110,27 @@ class VideoTokenView(SampleView):
     ``datamodules.instruct_views.InstructionSequenceView``) turn the ids into documents.
 
     Args:
-        tokenizer_path: local directory of the text tokenizer (``load_text_tokenizer``; its size must be
-            ``vocabulary.text_size``).
-        vocabulary: the id layout (release layout by default); must be the stage's.
-        seq_len: tokens per packed row (paper: 2048).
-        keyframe_source: ``"tokens"`` (keyframe ids from the token shards) | ``"none"`` (motion blocks only).
-        tokenizer_exports: the stage-1 exports directory the token shards must have been made with (their
-            fingerprint is checked on every sample); None: only the code counts are checked.
-        image_tokenizer_export: keyframe tokenizer export that tokenises the image sources (default:
-            ``tokenizer_exports``).
-        keyframe_backbone_weights: local ViT weight file, overriding the path recorded in that export.
-        tokenizer_device: device the keyframe tokenizer of the image sources runs on.
-        open_rows: rows kept open while packing (1 = next-fit; more pads less).
-        clip_frames, max_clips, clips_per_video: which clips of a video (``SampleView``).
+        tokens: tokenizer, vocabulary, row length and packing, token shards' exports, keyframe source, image
+            tokenizer, clips (``TokenSource``, whose fields the view also has as attributes).
     """
 
     name = "video_tokens"
     need_video = False
 
-    def __init__(self, tokenizer_path: str, vocabulary: Vocabulary | None = None, seq_len: int = 2048,
-                 keyframe_source: KeyframeSource = "tokens", tokenizer_exports: str | None = None,
-                 image_tokenizer_export: str | None = None, keyframe_backbone_weights: str | None = None,
-                 tokenizer_device: str = "cpu", open_rows: int = 4, clip_frames: int = CLIP_FRAMES,
-                 max_clips: int = 8, clips_per_video: str = "all"):
-        super().__init__(clip_frames=clip_frames, max_clips=max_clips, clips_per_video=clips_per_video)
-        self.tokenizer_path = tokenizer_path
-        self.vocabulary = vocabulary or Vocabulary.release()
-        self.seq_len, self.open_rows = int(seq_len), int(open_rows)
-        if keyframe_source not in ("tokens", "none"):
-            raise ValueError(f"keyframe_source must be 'tokens' (ids from the token shards) or 'none', got "
-                             f"{keyframe_source!r}")
-        self.keyframe_source = keyframe_source
-        self.tokenizer_exports = tokenizer_exports
-        self.image_tokenizer_export = image_tokenizer_export or tokenizer_exports
-        self.keyframe_backbone_weights = keyframe_backbone_weights
-        self.tokenizer_device = tokenizer_device
+    def __init__(self, tokens: TokenSource):
+        if not isinstance(tokens, TokenSource):
+            raise TypeError(f"{type(self).__name__}: tokens must be a TokenSource, got {type(tokens).__name__}")
+        super().__init__(clip_frames=tokens.clip_frames, max_clips=tokens.max_clips,
+                         clips_per_video=tokens.clips_per_video)
+        self.tokens = tokens
+        self.tokenizer_path = tokens.tokenizer_path
+        self.vocabulary = tokens.vocabulary or Vocabulary.release()
+        self.seq_len, self.open_rows = int(tokens.seq_len), int(tokens.open_rows)
+        self.keyframe_source = tokens.keyframe_source
+        self.tokenizer_exports = tokens.tokenizer_exports
+        self.image_tokenizer_export = tokens.image_tokenizer_export or tokens.tokenizer_exports
+        self.keyframe_backbone_weights = tokens.keyframe_backbone_weights
+        self.tokenizer_device = tokens.tokenizer_device
         self.stats = PackingStats()  # of this process (workers keep their own)
         self._tokenizer = None
         self._fingerprints: set[str] | None = None
@@ -164,7 +149,7 @@ class VideoTokenView(SampleView):
             return None
         if self._fingerprints is None:
             found = {exports_fingerprint(self.tokenizer_exports, None)}
-            if (Path(self.tokenizer_exports) / f"{KEYFRAME_EXPORT}.json").is_file():
+            if (Path(self.tokenizer_exports) / f"{KEYFRAME_TOKENIZER}.json").is_file():
                 found.add(exports_fingerprint(self.tokenizer_exports, self.tokenizer_exports))
             self._fingerprints = found
         return self._fingerprints
@@ -215,7 +200,8 @@ class VideoTokenView(SampleView):
 class PretrainSequenceView(VideoTokenView):
     """Packed video-text + image-text + text-only token rows for stage 2 (module docstring: sources, batch keys).
 
-    Args (besides ``VideoTokenView``'s: tokenizer, vocabulary, seq_len, keyframe source, exports, open_rows, clips):
+    Args:
+        tokens: what every LLM view shares (``TokenSource``: tokenizer, vocabulary, seq_len, exports, clips, ...).
         text_corpus: local text file of text-only training documents, one per line, streamed (None: none).
         val_text_corpus: same for validation (None: validation has video-text pairs only).
         image_text: local JSONL of image-text pairs, one ``{"image": path, "caption": str}`` per line (paths
@@ -231,20 +217,11 @@ class PretrainSequenceView(VideoTokenView):
 
     name = "pretrain_sequence"
 
-    def __init__(self, tokenizer_path: str, vocabulary: Vocabulary | None = None, seq_len: int = 2048,
-                 keyframe_source: KeyframeSource = "tokens", tokenizer_exports: str | None = None,
-                 image_tokenizer_export: str | None = None, keyframe_backbone_weights: str | None = None,
-                 text_corpus: str | None = None, val_text_corpus: str | None = None,
+    def __init__(self, tokens: TokenSource, text_corpus: str | None = None, val_text_corpus: str | None = None,
                  image_text: str | None = None, val_image_text: str | None = None,
                  weights: dict[str, float] | None = None, visual_first_prob: float = 0.5,
-                 supervise: Literal["all", "target"] = "all", open_rows: int = 4, text_shuffle_buffer: int = 1000,
-                 tokenizer_device: str = "cpu", clip_frames: int = CLIP_FRAMES, max_clips: int = 8,
-                 clips_per_video: str = "all"):
-        super().__init__(tokenizer_path, vocabulary=vocabulary, seq_len=seq_len, keyframe_source=keyframe_source,
-                         tokenizer_exports=tokenizer_exports, image_tokenizer_export=image_tokenizer_export,
-                         keyframe_backbone_weights=keyframe_backbone_weights, tokenizer_device=tokenizer_device,
-                         open_rows=open_rows, clip_frames=clip_frames, max_clips=max_clips,
-                         clips_per_video=clips_per_video)
+                 supervise: Literal["all", "target"] = "all", text_shuffle_buffer: int = 1000):
+        super().__init__(tokens)
         self.text_corpus, self.val_text_corpus = text_corpus, val_text_corpus
         self.image_text, self.val_image_text = image_text, val_image_text
         self.weights = dict(weights) if weights is not None else {"video_text": 1.0, "text": 1.0}
@@ -365,5 +342,4 @@ class PretrainSequenceView(VideoTokenView):
                                   pad_id=self.tokenizer.pad_token_id, open_rows=self.open_rows, stats=self.stats)
 
 
-__all__ = ["PretrainSequenceView", "VideoTokenView", "KeyframeSource", "MISSING_TOKENS", "captions_of_shards",
-           "read_text_lines"]
+__all__ = ["PretrainSequenceView", "VideoTokenView", "MISSING_TOKENS", "captions_of_shards", "read_text_lines"]

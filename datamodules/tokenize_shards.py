@@ -50,8 +50,6 @@ from datamodules.skip_tracker import SKIPS
 from datamodules.tar_reader import iter_tar_samples
 from videolavit.llm.token_shards import encode_token_sample
 from videolavit.llm.video_codes import (
-    KEYFRAME_EXPORT,
-    MOTION_EXPORT,
     VideoCoder,
     export_files,
     export_num_codes,
@@ -60,6 +58,7 @@ from videolavit.llm.video_codes import (
     motion_clip_inputs,
 )
 from videolavit.llm.vocabulary import Vocabulary
+from videolavit.models.export_names import KEYFRAME_TOKENIZER, MOTION_TOKENIZER
 from videolavit.video import errors
 from videolavit.video.clips import CLIP_FRAMES, select_clip_starts
 
@@ -338,8 +337,8 @@ class Tokenizer:
 
 def _vocabulary(cfg: TokenizeConfig) -> Vocabulary:
     """A layout with the exports' code counts (text ids do not matter to the job)."""
-    visual = export_num_codes(cfg.exports, KEYFRAME_EXPORT) if cfg.keyframes else 1
-    return Vocabulary(text_size=1, visual_codes=visual, motion_codes=export_num_codes(cfg.exports, MOTION_EXPORT))
+    visual = export_num_codes(cfg.exports, KEYFRAME_TOKENIZER) if cfg.keyframes else 1
+    return Vocabulary(text_size=1, visual_codes=visual, motion_codes=export_num_codes(cfg.exports, MOTION_TOKENIZER))
 
 
 def _expected_videos(shards, urls: list[str]) -> int | None:
@@ -400,12 +399,12 @@ def run_tokenize(cfg: TokenizeConfig) -> tuple[dict, dict]:
         raise TokenizeError(f"--part {cfg.part}/{cfg.num_parts}: need 0 <= i < N")
     if not cfg.devices:
         raise TokenizeError("no device to tokenize on; pass --devices cpu (or cuda, cuda:0,cuda:1, ...)")
-    export_files(cfg.exports, MOTION_EXPORT)
-    has_keyframe = all((Path(cfg.exports) / f"{KEYFRAME_EXPORT}{s}").is_file() for s in (".json", ".safetensors"))
+    export_files(cfg.exports, MOTION_TOKENIZER)
+    has_keyframe = all((Path(cfg.exports) / f"{KEYFRAME_TOKENIZER}{s}").is_file() for s in (".json", ".safetensors"))
     if cfg.keyframes is None:
         cfg.keyframes = has_keyframe
     elif cfg.keyframes and not has_keyframe:
-        export_files(cfg.exports, KEYFRAME_EXPORT)  # names the missing file
+        export_files(cfg.exports, KEYFRAME_TOKENIZER)  # names the missing file
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / UNITS_DIR).mkdir(exist_ok=True)

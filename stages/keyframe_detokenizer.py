@@ -43,6 +43,7 @@ from torchmetrics import MeanMetric
 
 from stages.base import OptimizerConfig, StageModule
 from videolavit.models.export import ExportError, read_export
+from videolavit.models.export_names import KEYFRAME_FEATURE_DECODER
 from videolavit.models.keyframe_detokenizer import (
     CONDITION_HEADS,
     EXPORT_NAME,
@@ -58,7 +59,7 @@ from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
 from videolavit.models.keyframe_unet import KeyframeUNetConfig, load_shared_unet_weights
 from videolavit.models.latent_space import LatentSpace, PixelSpace, images_to_uint8, latent_space_spec
 
-DECODER_EXPORT_NAME = "keyframe_feature_decoder"  # written by stages.keyframe_tokenizer
+DECODER_EXPORT_NAME = KEYFRAME_FEATURE_DECODER  # written by stages.keyframe_tokenizer
 SOURCE_KEY = "keyframe_tokenizer_source"  # checkpoint entry: where the frozen parts came from
 VAL_SEED = 20240  # base seed of validation noise, σ and token selection
 

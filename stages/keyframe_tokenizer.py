@@ -50,6 +50,7 @@ from torchmetrics import MeanMetric
 from stages.base import OptimizerConfig, StageModule
 from videolavit.metrics.codebook_usage import CodebookUsage
 from videolavit.models.export import read_export, save_export
+from videolavit.models.export_names import KEYFRAME_FEATURE_DECODER
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoder, KeyframeFeatureDecoderConfig
 from videolavit.models.keyframe_tokenizer import KeyframeEncoding, KeyframeTokenizer, KeyframeTokenizerConfig
 from videolavit.models.keyframe_tokenizer_export import (
@@ -63,7 +64,7 @@ from videolavit.models.keyframe_tokenizer_export import (
 )
 from videolavit.models.keyframe_tokenizer_loss import KeyframeTokenizerLossConfig, keyframe_tokenizer_loss
 
-DECODER_EXPORT_NAME = "keyframe_feature_decoder"
+DECODER_EXPORT_NAME = KEYFRAME_FEATURE_DECODER
 FROZEN_PREFIX = "model.encoder."
 # In the exports, but trained by later stages (see the module docstring).
 NOT_TRAINED_HERE = ("model.vit_proj.", "decoder.unet_proj_1.", "decoder.unet_proj_2.", "decoder.unet_attnpool.")

@@ -17,9 +17,10 @@ from torchmetrics import MeanMetric
 from stages.base import OptimizerConfig, StageModule
 from videolavit.metrics.codebook_usage import CodebookUsage
 from videolavit.models.export import read_export, save_export
+from videolavit.models.export_names import MOTION_TOKENIZER
 from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
 
-EXPORT_NAME = "motion_tokenizer"
+EXPORT_NAME = MOTION_TOKENIZER
 
 
 class MotionTokenizerStage(StageModule):

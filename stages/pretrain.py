@@ -58,7 +58,6 @@ on; without ``dtype`` transformers 4.x upcasts to float32).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
@@ -82,10 +81,10 @@ from videolavit.llm.sharded_weights import (DEFAULT_SHARD_BYTES, SafetensorsDire
                                             WeightsError, full_tensor, load_rows_into)
 from videolavit.llm.text_tokenizer import (build_tiny_tokenizer, load_text_tokenizer, save_portable_tokenizer,
                                          with_block_markers)
-from videolavit.llm.vocabulary import Modality, Vocabulary
+from videolavit.llm.vocabulary import Modality, Vocabulary, write_vocabulary_file
+from videolavit.models.export_names import LLM
 
-EXPORT_NAME = "llm"
-VOCABULARY_FILE = "videolavit_vocabulary.json"
+EXPORT_NAME = LLM
 # Weight files of a previous export that a new one with another sharding would leave behind.
 HF_WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                    "pytorch_model.bin.index.json")
@@ -597,13 +596,7 @@ class PretrainStage(StageModule):
         config.save_pretrained(directory)
         GenerationConfig.from_model_config(config).save_pretrained(directory)
         save_portable_tokenizer(self.export_tokenizer(), directory)
-        vocab = self.vocabulary
-        (directory / VOCABULARY_FILE).write_text(json.dumps({
-            "text_size": vocab.text_size, "visual_codes": vocab.visual_codes, "motion_codes": vocab.motion_codes,
-            "size": vocab.size, "image_start_id": vocab.image_start_id, "image_end_id": vocab.image_end_id,
-            "visual_offset": vocab.visual_offset, "motion_start_id": vocab.motion_start_id,
-            "motion_end_id": vocab.motion_end_id, "motion_offset": vocab.motion_offset,
-        }, indent=2))
+        write_vocabulary_file(directory, self.vocabulary)
 
     def export_tokenizer(self):
         """The text tokenizer as exported: the block markers as named special tokens at their ids

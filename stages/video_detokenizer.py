@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from stages.base import OptimizerConfig, StageModule
 from videolavit.models.export import ExportError, read_export
+from videolavit.models.export_names import MOTION_TOKENIZER
 from videolavit.models.latent_space import build_latent_space, images_to_uint8
 from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
 from videolavit.models.video_detokenizer import (
@@ -44,7 +45,7 @@ from videolavit.models.video_unet import load_svd_unet_weights
 from videolavit.video.motion_direction import direction_agreement, measure_motion, motion_field_direction
 from videolavit.video.motion_grid import TOKENIZER_SCALE
 
-TOKENIZER_EXPORT = "motion_tokenizer"
+TOKENIZER_EXPORT = MOTION_TOKENIZER
 MOTION_SOURCES = ("tokenizer", "raw")
 PIXEL_SPACE = {"class_path": "videolavit.models.latent_space.PixelSpace", "init_args": {}}
 

@@ -29,6 +29,7 @@ from videolavit.models.caption_word_pretraining import (
     CaptionWordPretrainingConfig,
     group_accuracy,
 )
+from videolavit.models.export_names import VISION_BACKBONE
 
 
 class VisionBackboneStage(StageModule):
@@ -40,7 +41,7 @@ class VisionBackboneStage(StageModule):
         max_nonfinite_steps: non-finite optimizer steps in a row that stop ``fit`` (``StageModule``).
     """
 
-    export_name = "vision_backbone"
+    export_name = VISION_BACKBONE
 
     def __init__(self, model: CaptionWordPretrainingConfig | None = None,
                  probe_words: dict[str, list[str]] | None = None, optimizer: OptimizerConfig | None = None,

@@ -14,6 +14,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EDMEulerScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from videolavit.diffusion.denoiser_scaling import VScalingWithEDMcNoise
+from videolavit.diffusion.parameterization import DeprecatedScalingWarning
 from videolavit.models.export import ExportError, UnregisteredClassError, save_export
 from videolavit.models.keyframe_detokenizer import (
     KeyframeDetokenizer,
@@ -249,6 +251,17 @@ def test_old_single_file_video_export_still_loads(tmp_path):
     assert latent_config == PIXELS
     ours = model.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in restored.state_dict().items())
+
+
+def test_a_video_export_with_the_old_scaling_name_loads_with_a_warning(tmp_path):
+    save_video_detokenizer(video_detokenizer(), tmp_path, video_spec())
+    record_path = tmp_path / "video_detokenizer.json"
+    record = json.loads(record_path.read_text())
+    record["config"]["scaling"] = "v"  # what exports of earlier versions recorded for SVD's v-prediction
+    record_path.write_text(json.dumps(record))
+    with pytest.warns(DeprecatedScalingWarning, match="'v' is deprecated, it is called 'v_edm'"):
+        restored, _ = load_video_detokenizer(tmp_path)
+    assert restored.config.scaling == "v_edm" and isinstance(restored.scaling, VScalingWithEDMcNoise)
 
 
 def test_hostile_video_records_are_refused(tmp_path):

@@ -29,6 +29,7 @@ from videolavit.evaluation.protocols import (
 )
 from videolavit.evaluation.run import (
     EvaluationError,
+    EvaluationSettings,
     GeneratedVideoError,
     MetricSettings,
     RealVideoSettings,
@@ -254,8 +255,8 @@ def test_real_videos_as_generations_score_zero_distance_and_the_metrics_own_clip
     calls = []
     generate, videos = real_video_generator(items, calls=calls)
     settings = metric_settings(weights)
-    report = evaluate_text_to_video(items, generate, settings, protocol="msrvtt", batch_size=2, seed=5, real=REAL,
-                                    out=tmp_path / "metrics.json", progress=False)
+    report = evaluate_text_to_video(items, generate, EvaluationSettings(
+        settings, protocol="msrvtt", batch_size=2, seed=5, real=REAL, out=tmp_path / "metrics.json", progress=False))
     assert set(report["metrics"]) == {"clipsim", "fvd", "fid"}
     assert calls == [([i.prompt for i in items[:2]], 5), ([items[2].prompt], 7)]  # seed + first index of batch
 
@@ -263,7 +264,8 @@ def test_real_videos_as_generations_score_zero_distance_and_the_metrics_own_clip
     def shifted(prompts, generator):
         return torch.stack([videos[p].roll(8, dims=-1) // 2 for p in prompts])
 
-    other = evaluate_text_to_video(items, shifted, settings, protocol="msrvtt", real=REAL, progress=False)
+    other = evaluate_text_to_video(items, shifted,
+                                   EvaluationSettings(settings, protocol="msrvtt", real=REAL, progress=False))
     for name in ("fvd", "fid"):
         assert other["metrics"][name] > 0
         assert abs(report["metrics"][name]) <= 1e-6 * other["metrics"][name]
@@ -292,7 +294,7 @@ def test_real_statistics_are_cached_and_reused_without_the_real_videos(weights, 
     generate, _ = real_video_generator(items)
     settings = metric_settings(weights, clip=None)
     cache = tmp_path / "cache"
-    first = evaluate_text_to_video(items, generate, settings, real_stats_dir=cache, progress=False)
+    first = evaluate_text_to_video(items, generate, EvaluationSettings(settings, real_stats_dir=cache, progress=False))
     assert {first["real_statistics"][n]["source"] for n in ("fvd", "fid")} == {"computed"}
     files = sorted(p.name for p in cache.iterdir())
     assert len([f for f in files if f.endswith(".npz")]) == 2 and len(files) == 4  # + a JSON note each
@@ -300,7 +302,7 @@ def test_real_statistics_are_cached_and_reused_without_the_real_videos(weights, 
 
     for item in items:
         item.real_video.unlink()
-    second = evaluate_text_to_video(items, generate, settings, real_stats_dir=cache, progress=False)
+    second = evaluate_text_to_video(items, generate, EvaluationSettings(settings, real_stats_dir=cache, progress=False))
     assert {second["real_statistics"][n]["source"] for n in ("fvd", "fid")} == {"cache"}
     assert second["real_statistics"]["fvd"]["num_videos"] == 3
     for name in ("fvd", "fid"):
@@ -321,7 +323,7 @@ def test_real_statistics_are_cached_and_reused_without_the_real_videos(weights, 
             == real_statistics_file(cache, "msrvtt", "fvd", fingerprint, moved, REAL))
     # Without the cache and without the videos, the error says what is missing.
     with pytest.raises(EvaluationError, match="none of the 3 exists"):
-        evaluate_text_to_video(items, generate, settings, progress=False)
+        evaluate_text_to_video(items, generate, EvaluationSettings(settings, progress=False))
 
 
 def test_unreadable_and_missing_real_videos_are_counted_skips(weights, tmp_path):
@@ -336,8 +338,9 @@ def test_unreadable_and_missing_real_videos_are_counted_skips(weights, tmp_path)
     def generate(prompts, generator):
         return torch.randint(0, 256, (len(prompts), 12, 3, 32, 32), generator=generator, dtype=torch.uint8)
 
-    report = evaluate_text_to_video(items, generate, metric_settings(weights, clip=None, fid_weights=None),
-                                    batch_size=4, out=tmp_path / "m.json", decode_workers=2, progress=False)
+    report = evaluate_text_to_video(items, generate, EvaluationSettings(
+        metric_settings(weights, clip=None, fid_weights=None), batch_size=4, out=tmp_path / "m.json", decode_workers=2,
+        progress=False))
     assert report["num_items"] == 5 and report["metrics"]["fvd"] > 0
     assert report["real_statistics"]["fvd"]["num_videos"] == 3
     assert report["skipped"]["real_videos"] == 2
@@ -351,8 +354,8 @@ def test_generated_videos_are_saved_and_checked(weights, msrvtt_root, tmp_path):
     items = read_msrvtt(msrvtt_root)
     generate, _ = real_video_generator(items)
     settings = metric_settings(weights, i3d=None, fid_weights=None)
-    evaluate_text_to_video(items, generate, settings, protocol="msrvtt", save_videos=tmp_path / "videos",
-                           progress=False)
+    evaluate_text_to_video(items, generate, EvaluationSettings(settings, protocol="msrvtt",
+                                                                save_videos=tmp_path / "videos", progress=False))
     index = [json.loads(line) for line in (tmp_path / "videos" / "index.jsonl").read_text().splitlines()]
     assert [(row["id"], row["prompt"]) for row in index] == [(i.id, i.prompt) for i in items]
     with av.open(str(tmp_path / "videos" / index[0]["file"])) as container:
@@ -363,17 +366,18 @@ def test_generated_videos_are_saved_and_checked(weights, msrvtt_root, tmp_path):
         return torch.rand(len(prompts), 4, 3, 32, 32)
 
     with pytest.raises(GeneratedVideoError, match=r"uint8 \[B, T, 3, H, W\]"):
-        evaluate_text_to_video(items, floats, settings, protocol="msrvtt", progress=False)
+        evaluate_text_to_video(items, floats, EvaluationSettings(settings, protocol="msrvtt", progress=False))
 
 
 def test_protocol_metrics_need_their_weights(weights, msrvtt_root):
     items = read_msrvtt(msrvtt_root)
     generate, _ = real_video_generator(items)
     with pytest.raises(MissingWeightsError, match="--i3d.*--c3d"):  # CLIPSIM is not a UCF-101 metric
-        evaluate_text_to_video(items, generate, MetricSettings(clip=weights["clip"]), protocol="ucf101", progress=False)
+        evaluate_text_to_video(items, generate, EvaluationSettings(
+            MetricSettings(clip=weights["clip"]), protocol="ucf101", progress=False))
     with pytest.raises(MissingWeightsError, match="FVD \\(--i3d\\)"):
-        evaluate_text_to_video(items, generate, MetricSettings(i3d=weights["i3d"].with_name("none.pt")),
-                               protocol="msrvtt", progress=False)
+        evaluate_text_to_video(items, generate, EvaluationSettings(
+            MetricSettings(i3d=weights["i3d"].with_name("none.pt")), protocol="msrvtt", progress=False))
 
 
 # -- the command ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ a stage-2 export, QA accuracy at validation end, the HF export and VideoChat on 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 import warnings
@@ -25,6 +26,7 @@ from datamodules.instruct_views import (
     load_image,
 )
 from datamodules.skip_tracker import SKIPS
+from datamodules.token_source import TokenSource
 from datamodules.tokenize_shards import TokenizeConfig, run_tokenize
 from stages.instruct import InstructStage
 from stages.pretrain import PretrainStage
@@ -79,10 +81,19 @@ def qa_file(path: Path, videos, answers=("circle", "red", "up")) -> Path:
     return path
 
 
+TOKEN_SOURCE_FIELDS = {f.name for f in dataclasses.fields(TokenSource)}
+
+
+def instruction_view(**kwargs) -> InstructionSequenceView:
+    """The view from flat keyword arguments: ``TokenSource`` fields go to ``tokens``, the rest to the view."""
+    tokens = TokenSource(**{k: v for k, v in kwargs.items() if k in TOKEN_SOURCE_FIELDS})
+    return InstructionSequenceView(tokens, **{k: v for k, v in kwargs.items() if k not in TOKEN_SOURCE_FIELDS})
+
+
 def token_view(tokenizer_dir, conversations, **kwargs) -> InstructionSequenceView:
     args = dict(tokenizer_path=str(tokenizer_dir), vocabulary=TINY, seq_len=256, conversations=str(conversations),
                 open_rows=1)
-    return InstructionSequenceView(**{**args, **kwargs})
+    return instruction_view(**{**args, **kwargs})
 
 
 def tokens(view, text: str) -> list[int]:
@@ -242,7 +253,7 @@ def test_image_conversations_are_tokenised_by_the_keyframe_tokenizer_and_mixed_i
              {"id": "gone", "image": "missing.png", "conversations": [
                  {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}]
     (tmp_path / "llava.json").write_text(json.dumps(llava))
-    view = InstructionSequenceView(
+    view = instruction_view(
         tokenizer_path=str(tokenizer_dir), vocabulary=VOCAB, seq_len=256,
         conversations=str(qa_file(tmp_path / "qa.json", ["x"])),
         val_image_conversations=str(tmp_path / "llava.json"), image_root=str(tmp_path / "images"),
@@ -292,8 +303,8 @@ def pretrain_export(tokenizer_dir, tmp_path_factory) -> Path:
 
 
 def stage_batch(tokenizer_dir, tmp_path, vocab=VOCAB) -> dict:
-    view = InstructionSequenceView(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, seq_len=256,
-                                   conversations=str(qa_file(tmp_path / "qa.json", ["vid_a", "vid_b"])))
+    view = instruction_view(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, seq_len=256,
+                            conversations=str(qa_file(tmp_path / "qa.json", ["vid_a", "vid_b"])))
     samples = [raw_sample(k, vocab=vocab, keyframes=((1, 2), (1, 2)), motions=((1, 2), (1, 2)))
                for k in ("vid_a", "vid_b")]
     return view.collate(list(view(samples, train=False)))
@@ -408,9 +419,10 @@ def write_config(root: Path, shards: Path, corpus: Path, export: Path, exports: 
         "data": {"class_path": "datamodules.video_datamodule.VideoDataModule",
                  "init_args": {"train_shards": str(shards), "val_shards": str(shards),
                                "view": {"class_path": "datamodules.instruct_views.InstructionSequenceView",
-                                        "init_args": {"tokenizer_path": str(export), "vocabulary": vocabulary,
-                                                      "seq_len": 256, "conversations": str(corpus / "qa.json"),
-                                                      "tokenizer_exports": str(exports)}},
+                                        "init_args": {"tokens": {"tokenizer_path": str(export),
+                                                                 "vocabulary": vocabulary, "seq_len": 256,
+                                                                 "tokenizer_exports": str(exports)},
+                                                      "conversations": str(corpus / "qa.json")}},
                                "batch_size": 4, "samples_per_epoch": 64, "shuffle_buffer": 8, "num_workers": 0}},
     }
     path = root / "config.yaml"

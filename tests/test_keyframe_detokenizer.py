@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 
 from videolavit.diffusion.ddim import ddim_invert, ddim_sample, next_keyframe_start
 from videolavit.diffusion.denoiser_scaling import DiscreteTimeScaling, EDMScaling
+from videolavit.diffusion.sigma_sampling import DiscreteSigmaSampler
 from videolavit.metrics.shape_color import color_agreement, dominant_colors
 from videolavit.metrics.weights import MissingWeightsError
 from videolavit.models.export import ExportError
 from videolavit.models.keyframe_detokenizer import (
-    DiscreteSigmaSampler,
     KeyframeDetokenizer,
     KeyframeDetokenizerConfig,
     KeyframeDiffusionConfig,

@@ -6,6 +6,8 @@ text-only and image-text mixing, packing, a deterministic validation stream (wha
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import json
 import random
 import warnings
@@ -15,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datamodules.instruct_views import InstructionSequenceView
 from datamodules.llm_views import MISSING_TOKENS, PretrainSequenceView
 from datamodules.shard_list import resolve_shards
 from datamodules.skip_tracker import SKIPS
 from datamodules.tar_reader import iter_tar_samples
+from datamodules.token_source import TokenSource
 from datamodules.tokenize_shards import TokenizeConfig, run_tokenize
 from datamodules.video_datamodule import VideoDataModule
 from tests.tiny_tokenizers import build_tokenizer_exports
@@ -60,9 +64,18 @@ def golden(key: str = "vid_a") -> dict:
     return token_raw(key, {12: [4, 0], 36: [1]}, {12: [0, 3], 36: [2, 2]})
 
 
+TOKEN_SOURCE_FIELDS = {f.name for f in dataclasses.fields(TokenSource)}
+
+
+def sequence_view(**kwargs) -> PretrainSequenceView:
+    """The view from flat keyword arguments: ``TokenSource`` fields go to ``tokens``, the rest to the view."""
+    tokens = TokenSource(**{k: v for k, v in kwargs.items() if k in TOKEN_SOURCE_FIELDS})
+    return PretrainSequenceView(tokens, **{k: v for k, v in kwargs.items() if k not in TOKEN_SOURCE_FIELDS})
+
+
 def tokens_view(tokenizer_dir, **kwargs) -> PretrainSequenceView:
     args = dict(tokenizer_path=str(tokenizer_dir), vocabulary=TINY, seq_len=L, open_rows=1)
-    return PretrainSequenceView(**{**args, **kwargs})
+    return sequence_view(**{**args, **kwargs})
 
 
 # ------------------------------------------------------------------------------------------- golden
@@ -167,6 +180,20 @@ def test_bad_settings_are_refused(tokenizer_dir, kwargs, message):
         tokens_view(tokenizer_dir, **kwargs)
 
 
+@pytest.mark.parametrize("view_class", [PretrainSequenceView, InstructionSequenceView])
+def test_the_llm_views_take_the_shared_arguments_as_one_token_source(view_class, tokenizer_dir):
+    params = inspect.signature(view_class.__init__).parameters
+    assert "tokens" in params and not set(params) & TOKEN_SOURCE_FIELDS  # declared once, in TokenSource
+    tokens = TokenSource(tokenizer_path=str(tokenizer_dir), vocabulary=TINY, seq_len=L, keyframe_source="none",
+                         tokenizer_exports="exports", open_rows=2, max_clips=3)
+    extra = {"conversations": "qa.json"} if view_class is InstructionSequenceView else {}
+    view = view_class(tokens, **extra)
+    assert (view.seq_len, view.open_rows, view.max_clips, view.keyframe_source) == (L, 2, 3, "none")
+    assert view.vocabulary == TINY and view.image_tokenizer_export == "exports"  # defaults to tokenizer_exports
+    with pytest.raises(TypeError, match="tokens must be a TokenSource"):
+        view_class({"tokenizer_path": str(tokenizer_dir)}, **extra)
+
+
 # ------------------------------------------------------------------------------------------- orders, mixing
 def many_samples(n: int) -> list[dict]:
     """``n`` motion-only token samples (2 clips each)."""
@@ -233,8 +260,8 @@ def token_shards(tokenizer_exports, prepared_shards, tmp_path_factory) -> Path:
 
 
 def tokenizer_view(tokenizer_dir, exports, vocab, **kwargs) -> PretrainSequenceView:
-    return PretrainSequenceView(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, seq_len=128,
-                                tokenizer_exports=str(exports), visual_first_prob=1.0, **kwargs)
+    return sequence_view(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, seq_len=128,
+                         tokenizer_exports=str(exports), visual_first_prob=1.0, **kwargs)
 
 
 def test_the_view_reads_the_ids_the_tokenize_job_wrote(tokenizer_dir, tokenizer_exports, token_shards):
@@ -326,8 +353,8 @@ def test_image_text_pairs_become_one_keyframe_documents_and_bad_images_are_count
         assert vocab.motion_start_id not in ids
         assert ids[end + 1:-1] == tok(caption, add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="image_text"):
-        PretrainSequenceView(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, keyframe_source="none",
-                             image_text=str(pairs), weights={"image_text": 1.0})
+        sequence_view(tokenizer_path=str(tokenizer_dir), vocabulary=vocab, keyframe_source="none",
+                      image_text=str(pairs), weights={"image_text": 1.0})
 
 
 # ------------------------------------------------------------------------------------------- ranks x workers

@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from datamodules.tokenize_shards import TokenizeConfig, run_tokenize
 from stages.base import OptimizerConfig
-from stages.pretrain import NEW_ROW_PARAMETERS, VOCABULARY_FILE, PretrainStage, TokenizerBuild, default_optimizer
+from stages.pretrain import NEW_ROW_PARAMETERS, PretrainStage, TokenizerBuild, default_optimizer
 from videolavit.__main__ import main
 from videolavit.llm.flops import training_flops_per_token
 from videolavit.llm.sequences import IGNORE_INDEX, collate_packed_rows, multimodal_pair, pack_documents
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer
-from videolavit.llm.vocabulary import Vocabulary
+from videolavit.llm.vocabulary import VOCABULARY_FILE, Vocabulary
 from videolavit.synth.moving_shapes import plan_corpus
 from tests.tensorboard_scalars import scalars
 from tests.tiny_tokenizers import build_tokenizer_exports
@@ -263,8 +263,9 @@ def write_config(root: Path, shards: Path, inputs: dict, **trainer) -> Path:
             "init_args": {
                 "train_shards": str(shards), "val_shards": str(shards),
                 "view": {"class_path": "datamodules.llm_views.PretrainSequenceView",
-                         "init_args": {"tokenizer_path": str(root / "text_tokenizer"), "vocabulary": vocabulary,
-                                       "seq_len": 128, "tokenizer_exports": str(inputs["exports"]),
+                         "init_args": {"tokens": {"tokenizer_path": str(root / "text_tokenizer"),
+                                                  "vocabulary": vocabulary, "seq_len": 128,
+                                                  "tokenizer_exports": str(inputs["exports"])},
                                        "text_corpus": str(inputs["text"]), "val_text_corpus": str(inputs["text"]),
                                        "weights": {"video_text": 1.0, "text": 0.5}}},
                 "batch_size": 4, "samples_per_epoch": 64, "shuffle_buffer": 8, "num_workers": 0},

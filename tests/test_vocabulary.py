@@ -1,10 +1,20 @@
 """The unified vocabulary: release ids are exact, tiny layouts derive from sizes, bad codes are refused."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from videolavit.llm.vocabulary import Modality, Vocabulary, VocabularyError
+from videolavit.llm.vocabulary import (
+    VOCABULARY_FILE,
+    Modality,
+    Vocabulary,
+    VocabularyError,
+    VocabularyFileError,
+    read_vocabulary_file,
+    write_vocabulary_file,
+)
 
 
 def test_release_ids_are_exact():
@@ -83,3 +93,36 @@ def test_predicates_and_modality_of():
         v.modality_of([22])
     with pytest.raises(VocabularyError):
         v.modality_of([-1])
+
+
+@pytest.mark.parametrize("vocab", [Vocabulary.release(), Vocabulary(text_size=512, visual_codes=256, motion_codes=64)],
+                         ids=["release", "tiny"])
+def test_the_vocabulary_file_round_trips_and_records_the_derived_ids(vocab, tmp_path):
+    path = write_vocabulary_file(tmp_path, vocab)
+    assert path == tmp_path / VOCABULARY_FILE
+    assert read_vocabulary_file(tmp_path) == vocab
+    record = json.loads(path.read_text())
+    assert record["size"] == vocab.size and record["motion_offset"] == vocab.motion_offset
+    assert (record["image_start_id"], record["image_end_id"], record["motion_start_id"], record["motion_end_id"]) \
+        == vocab.special_ids
+
+
+def test_a_sizes_only_vocabulary_file_reads(tmp_path):  # what release imports of earlier versions wrote
+    (tmp_path / VOCABULARY_FILE).write_text(json.dumps({"text_size": 32000, "visual_codes": 16384,
+                                                        "motion_codes": 1024, "size": 49412}))
+    assert read_vocabulary_file(tmp_path) == Vocabulary.release()
+
+
+@pytest.mark.parametrize("record,message", [
+    (None, "has no videolavit_vocabulary.json"),
+    ("not json", "not a readable vocabulary layout"),
+    ({"text_size": 512, "visual_codes": 256}, "not a readable vocabulary layout"),
+    ({"text_size": 0, "visual_codes": 256, "motion_codes": 64}, "not a readable vocabulary layout"),
+    ({"text_size": 512, "visual_codes": 256, "motion_codes": 64, "size": 900}, "says size 900 but its sizes give 836"),
+    ({"text_size": 512, "visual_codes": 256, "motion_codes": 64, "motion_offset": 1}, "says motion_offset 1"),
+])
+def test_broken_vocabulary_files_are_named_errors(record, message, tmp_path):
+    if record is not None:
+        (tmp_path / VOCABULARY_FILE).write_text(record if isinstance(record, str) else json.dumps(record))
+    with pytest.raises(VocabularyFileError, match=message):
+        read_vocabulary_file(tmp_path)

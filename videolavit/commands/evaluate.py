@@ -27,6 +27,7 @@ from videolavit.evaluation.run import (
     MetricSettings,
     RealVideoSettings,
     EvaluationError,
+    EvaluationSettings,
     build_metrics,
     evaluate_text_to_video,
     protocol_weight_flags,
@@ -195,15 +196,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.protocol}: {len(items)} prompts, {sum(i.real_video is not None for i in items)} paired real "
           f"videos; metrics: {', '.join(METRIC_TITLES[n] for n in metrics)}")
     try:
-        report = evaluate_text_to_video(
-            items, generate, metric_settings, protocol=args.protocol, batch_size=args.batch_size, seed=args.seed,
+        settings = EvaluationSettings(
+            metric_settings, protocol=args.protocol, batch_size=args.batch_size, seed=args.seed,
             real_stats_dir=stats_dir, real=real, real_videos=real_videos, save_videos=args.save_videos,
             save_fps=args.save_fps, out=out, decode_workers=args.decode_workers, progress=not args.no_progress,
             extra_settings={"root": str(root), "pipeline": str(args.pipeline), "limit": args.limit,
                             "caption_seed": args.caption_seed if args.protocol == "msrvtt" else None,
                             "ucf_real": args.ucf_real if args.protocol == "ucf101" else None,
-                            "pipeline_options": dict(args.pipeline_option)},
-            built_metrics=metrics)
+                            "pipeline_options": dict(args.pipeline_option)})
+        report = evaluate_text_to_video(items, generate, settings, built_metrics=metrics)
     except EvaluationError as error:
         return fail(str(error))
     values = ", ".join(f"{k}={v:.4g}" for k, v in report["metrics"].items())

@@ -126,10 +126,10 @@ def _llm_shape(init: dict) -> tuple:
 
 
 def _seq_len(config: dict) -> int:
-    view = _init_args(_init_args(config.get("data")).get("view"))
-    if "seq_len" not in view:
-        raise PlanError("data.init_args.view.init_args.seq_len is not set (the LLM's row length)")
-    return int(view["seq_len"])
+    tokens = _init_args(_init_args(config.get("data")).get("view")).get("tokens") or {}
+    if "seq_len" not in tokens:
+        raise PlanError("data.init_args.view.init_args.tokens.seq_len is not set (the LLM's row length)")
+    return int(tokens["seq_len"])
 
 
 def plan_llm(config: dict, layout: dict, args: argparse.Namespace) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from videolavit.diffusion.denoiser import Denoiser, append_dims
 from videolavit.diffusion.loss_weighting import LossWeighting, weighting_for
-from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
+from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler, SigmaSampler
 
 
 class DiffusionLossTerms(NamedTuple):
@@ -28,7 +28,7 @@ class DiffusionLoss:
     which is the consistent choice; pass one to override.
     """
 
-    def __init__(self, sigma_sampler: LogNormalSigmaSampler | None = None,
+    def __init__(self, sigma_sampler: SigmaSampler | None = None,
                  loss_weighting: LossWeighting | None = None):
         self.sigma_sampler = sigma_sampler or LogNormalSigmaSampler()
         self.loss_weighting = loss_weighting

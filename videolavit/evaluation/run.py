@@ -469,45 +469,58 @@ def _generated_side(items: list[EvalItem], generate: GenerateFn, scorers: dict, 
     return generated_shape
 
 
-def evaluate_text_to_video(
-    items: Sequence[EvalItem],
-    generate: GenerateFn,
-    metrics: MetricSettings,
-    protocol: str = "csv",
-    batch_size: int = 4,
-    seed: int = 0,
-    real_stats_dir: str | Path | None = None,
-    real: RealVideoSettings = RealVideoSettings(),
-    real_videos: Sequence[str | Path] | None = None,
-    save_videos: str | Path | None = None,
-    save_fps: int = 6,
-    out: str | Path | None = None,
-    decode_workers: int = 1,
-    progress: bool = True,
-    extra_settings: dict | None = None,
-    built_metrics: dict[str, torch.nn.Module] | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Everything an evaluation run is set up with, besides the items and the pipeline.
+
+    Args:
+        metrics: weights and knobs; only the protocol's metrics with weights are computed.
+        protocol: ``msrvtt`` | ``ucf101`` | ``csv`` (``PROTOCOL_METRICS``: which metrics it reports).
+        batch_size: prompts per ``generate`` call (and real videos per metric update).
+        seed: ``generate`` gets a CPU generator seeded with ``seed`` + the index of the batch's first item (so a
+            run with ``limit`` reproduces the first batches of the full run).
+        real_stats_dir: cache folder for real-side statistics (None: compute them every time).
+        real: how real videos are decoded for FVD / FID.
+        real_videos: a real side other than the items' own (e.g. all UCF-101 clips).
+        save_videos: folder for the generated videos as ``<id>.mp4`` (+ ``index.jsonl`` with prompts).
+        save_fps: frame rate of the saved videos.
+        out: where to write the report JSON.
+        decode_workers: threads decoding real videos.
+        progress: show progress bars.
+        extra_settings: recorded under ``settings`` in the report (e.g. the command's arguments).
+    """
+
+    metrics: MetricSettings
+    protocol: str = "csv"
+    batch_size: int = 4
+    seed: int = 0
+    real_stats_dir: str | Path | None = None
+    real: RealVideoSettings = field(default_factory=RealVideoSettings)
+    real_videos: Sequence[str | Path] | None = None
+    save_videos: str | Path | None = None
+    save_fps: int = 6
+    out: str | Path | None = None
+    decode_workers: int = 1
+    progress: bool = True
+    extra_settings: dict | None = None
+
+
+def evaluate_text_to_video(items: Sequence[EvalItem], generate: GenerateFn, settings: EvaluationSettings,
+                           built_metrics: dict[str, torch.nn.Module] | None = None) -> dict:
     """Generate a video for every item, score the protocol's metrics and return (and write) the report.
 
     Args:
         items: from a protocol reader (:mod:`videolavit.evaluation.protocols`).
         generate: ``generate(prompts, generator) -> uint8 [B, T, 3, H, W]``; called with up to
-            ``batch_size`` prompts and a CPU generator seeded with ``seed`` + the index of the batch's
-            first item (so a run with ``limit`` reproduces the first batches of the full run).
-        metrics: weights and knobs; only the protocol's metrics with weights are computed.
-        real_stats_dir: cache folder for real-side statistics (None: compute them every time).
-        real: how real videos are decoded for FVD / FID.
-        real_videos: a real side other than the items' own (e.g. all UCF-101 clips).
-        save_videos: folder for the generated videos as ``<id>.mp4`` (+ ``index.jsonl`` with prompts).
-        out: where to write the report JSON.
-        decode_workers: threads decoding real videos.
-        extra_settings: recorded under ``settings`` in the report (e.g. the command's arguments).
+            ``settings.batch_size`` prompts and a generator seeded as ``EvaluationSettings.seed`` says.
+        settings: the run's metrics, protocol, real side and outputs (:class:`EvaluationSettings`).
         built_metrics: metrics already built by :func:`build_metrics` (to reuse loaded networks).
 
     Returns the report: protocol, num_items, metrics, real_statistics, skipped, settings, wall_time_s.
     Real videos are read (or their cached statistics loaded) before anything is generated, so a
     data problem stops the run before the expensive part.
     """
+    metrics, protocol, batch_size, seed = settings.metrics, settings.protocol, settings.batch_size, settings.seed
     started = time.perf_counter()
     items = list(items)
     if not items:
@@ -520,11 +533,12 @@ def evaluate_text_to_video(
     if "is" in scorers and len(items) < scorers["is"].splits:
         raise EvaluationError(f"IS uses {scorers['is'].splits} splits, but there are only {len(items)} items; "
                               f"lower the number of splits or evaluate more items")
-    entries = real_video_entries(items, real_videos)
-    real_report, skipped = _real_side(scorers, entries, protocol, real, real_stats_dir, batch_size, metrics.device,
-                                      decode_workers, progress)
-    save_dir = Path(save_videos) if save_videos is not None else None
-    shape = _generated_side(items, generate, scorers, batch_size, seed, metrics.device, save_dir, save_fps, progress)
+    entries = real_video_entries(items, settings.real_videos)
+    real_report, skipped = _real_side(scorers, entries, protocol, settings.real, settings.real_stats_dir, batch_size,
+                                      metrics.device, settings.decode_workers, settings.progress)
+    save_dir = Path(settings.save_videos) if settings.save_videos is not None else None
+    shape = _generated_side(items, generate, scorers, batch_size, seed, metrics.device, save_dir, settings.save_fps,
+                            settings.progress)
 
     values: dict[str, float] = {}
     for name, metric in scorers.items():
@@ -533,7 +547,7 @@ def evaluate_text_to_video(
             values["is"], values["is_std"] = float(mean), float(std)
         else:
             values[name] = float(metric.compute())
-    settings = {
+    recorded = {
         "seed": seed,
         "generator_seeding": "torch.Generator().manual_seed(seed + index of the batch's first item)",
         "batch_size": batch_size,
@@ -542,12 +556,12 @@ def evaluate_text_to_video(
         "fid": {"frames_per_video": metrics.fid_frames_per_video},
         "is": {"splits": metrics.is_splits},
         "fingerprints": {name: scorers[name].fingerprint() for name in FRECHET_METRICS if name in scorers},
-        "real_video": asdict(real),
-        "real_videos": "given list" if real_videos is not None else "paired with the items",
+        "real_video": asdict(settings.real),
+        "real_videos": "given list" if settings.real_videos is not None else "paired with the items",
         "num_real_videos": len(entries),
         "generated_video": {"frames": shape[0], "height": shape[2], "width": shape[3]} if shape else None,
         "save_videos": str(save_dir) if save_dir is not None else None,
-        **(extra_settings or {}),
+        **(settings.extra_settings or {}),
     }
     report = {
         "protocol": protocol,
@@ -556,9 +570,9 @@ def evaluate_text_to_video(
         "real_statistics": real_report,
         "skipped": {"real_videos": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),
                     "videos": skipped},
-        "settings": settings,
+        "settings": recorded,
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
-    if out is not None:
-        write_json(out, report)
+    if settings.out is not None:
+        write_json(settings.out, report)
     return report

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from videolavit.diffusion.ddim import next_keyframe_start
 from videolavit.llm.sequences import image_token_ids
 from videolavit.llm.text_tokenizer import load_text_tokenizer
-from videolavit.llm.video_codes import KEYFRAME_EXPORT, VideoCoder
+from videolavit.llm.video_codes import VideoCoder
 from videolavit.llm.visual_generation import GeneratedClip, SamplingOptions, generate_clips
 from videolavit.models.export import ExportError, load_export
+from videolavit.models.export_names import KEYFRAME_DETOKENIZER, KEYFRAME_TOKENIZER, MOTION_TOKENIZER, VIDEO_DETOKENIZER
 from videolavit.models.keyframe_detokenizer import SDXL_DDIM, load_keyframe_detokenizer
 from videolavit.models.latent_space import build_latent_space, images_to_uint8, images_to_unit_range
 from videolavit.models.motion_tokenizer import MotionTokenizer
@@ -126,11 +127,11 @@ class TextToVideo:
         vocabulary = read_llm_vocabulary(llm)
         if options.get("llm_behaviour") is None:
             options["llm_behaviour"] = read_behaviour(llm).get("llm_generation", "ours")
-        motion_tokenizer = load_export(root, "motion_tokenizer", expected=MotionTokenizer)  # small: before the LLM
-        has_keyframe_tokenizer = (root / f"{KEYFRAME_EXPORT}.json").is_file()  # only image-to-video needs it
+        motion_tokenizer = load_export(root, MOTION_TOKENIZER, expected=MotionTokenizer)  # small: before the LLM
+        has_keyframe_tokenizer = (root / f"{KEYFRAME_TOKENIZER}.json").is_file()  # only image-to-video needs it
         coder = VideoCoder(vocabulary, root, root if has_keyframe_tokenizer else None,
                            keyframe_backbone_weights=keyframe_backbone_weights, device=device)
-        video_dir = _find_export(root, "video_detokenizer")
+        video_dir = _find_export(root, VIDEO_DETOKENIZER)
         video_detokenizer, _ = load_video_detokenizer(video_dir)
         known = {f.name for f in fields(GenerationOptions)}
         unknown = sorted(set(options) - known)
@@ -138,7 +139,7 @@ class TextToVideo:
             raise TypeError(f"unknown generation options {unknown}; known: {sorted(known)}")
         return cls(load_llm(llm), load_text_tokenizer(llm, vocabulary), vocabulary,
                    motion_tokenizer, coder,
-                   load_keyframe_detokenizer(_find_export(root, "keyframe_detokenizer")), video_detokenizer,
+                   load_keyframe_detokenizer(_find_export(root, KEYFRAME_DETOKENIZER)), video_detokenizer,
                    read_video_detokenizer_spec(video_dir), GenerationOptions(**options), device=device)
 
     def _check_fit(self) -> None:

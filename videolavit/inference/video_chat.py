@@ -25,7 +25,6 @@ are shared with stage 3's validation (``stages.instruct``) and the ``chat`` comm
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import string
@@ -40,12 +39,11 @@ from videolavit.llm.constrained_decoding import TextOnlyConstraint
 from videolavit.llm.text_tokenizer import load_text_tokenizer
 from videolavit.llm.video_codes import VideoCoder, TokenizerExportError
 from videolavit.llm.conversation import LLAVA_V1, VIDEO_LAVIT_RELEASE, VIDEO_PLACEHOLDER, ConversationTemplate, Message
-from videolavit.llm.vocabulary import Vocabulary
+from videolavit.llm.vocabulary import VOCABULARY_FILE, Vocabulary, VocabularyFileError, read_vocabulary_file
 from videolavit.video import errors
 from videolavit.video.clips import select_clip_starts
 from videolavit.video.decompose import DecomposeConfig, VideoSource, decompose_video
 
-VOCABULARY_FILE = "videolavit_vocabulary.json"  # written next to the model by the LLM stages' export
 TEMPLATES: dict[str, ConversationTemplate] = {"v1": LLAVA_V1, "video_lavit_release": VIDEO_LAVIT_RELEASE}
 
 
@@ -70,19 +68,13 @@ def template_by_name(name: str) -> ConversationTemplate:
 # ------------------------------------------------------------------------------------------- export dirs
 def read_llm_vocabulary(directory: str | Path) -> Vocabulary:
     """The id layout an LLM export was trained with (``videolavit_vocabulary.json``)."""
-    path = Path(directory) / VOCABULARY_FILE
-    if not path.is_file():
+    if not (Path(directory) / VOCABULARY_FILE).is_file():
         raise ModelDirectoryError(f"{directory} has no {VOCABULARY_FILE}: not an LLM export of the pretrain or "
                                   "instruct stage (their export writes it next to the model)")
     try:
-        layout = json.loads(path.read_text())
-        vocab = Vocabulary(text_size=int(layout["text_size"]), visual_codes=int(layout["visual_codes"]),
-                           motion_codes=int(layout["motion_codes"]))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelDirectoryError(f"{path} is not a readable vocabulary layout: {exc}") from None
-    if int(layout.get("size", vocab.size)) != vocab.size:
-        raise ModelDirectoryError(f"{path} says size {layout['size']} but its sizes give {vocab.size}")
-    return vocab
+        return read_vocabulary_file(directory)
+    except VocabularyFileError as exc:
+        raise ModelDirectoryError(str(exc)) from None
 
 
 def check_llm_directory(directory: str | Path) -> Path:

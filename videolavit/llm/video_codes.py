@@ -27,13 +27,12 @@ import numpy as np
 import torch
 
 from videolavit.llm.vocabulary import Vocabulary
+from videolavit.models.export_names import KEYFRAME_TOKENIZER, MOTION_TOKENIZER
 from videolavit.video.clips import CLIP_FRAMES, clip_motion
 from videolavit.video.crop import resize_crop_box, to_chw
 from videolavit.video.frames import decode_keyframes
 from videolavit.video.motion_grid import TOKENIZER_SCALE
 
-MOTION_EXPORT = "motion_tokenizer"
-KEYFRAME_EXPORT = "keyframe_tokenizer"
 EXPORT_SUFFIXES = (".json", ".safetensors")
 
 
@@ -68,7 +67,7 @@ def exports_fingerprint(motion_export: str | Path, keyframe_export: str | Path |
     The keyframe export's JSON records its ViT backbone's own fingerprint, so a different backbone changes it too.
     """
     digest = hashlib.sha256()
-    exports = [(MOTION_EXPORT, motion_export)] + ([(KEYFRAME_EXPORT, keyframe_export)] if keyframe_export else [])
+    exports = [(MOTION_TOKENIZER, motion_export)] + ([(KEYFRAME_TOKENIZER, keyframe_export)] if keyframe_export else [])
     for name, directory in exports:
         for path in export_files(directory, name):
             digest.update(path.name.encode())
@@ -136,9 +135,9 @@ class VideoCoder:
         self.device = torch.device(device)
         self.clip_frames = int(clip_frames)
         if self.motion_export is not None:
-            export_files(self.motion_export, MOTION_EXPORT)
+            export_files(self.motion_export, MOTION_TOKENIZER)
         if self.keyframe_export is not None:
-            export_files(self.keyframe_export, KEYFRAME_EXPORT)
+            export_files(self.keyframe_export, KEYFRAME_TOKENIZER)
         self._motion: torch.nn.Module | None = None
         self._keyframe: dict[str, torch.nn.Module] = {}
         self._fingerprint: str | None = None
@@ -163,7 +162,7 @@ class VideoCoder:
 
             if self.motion_export is None:
                 raise TokenizerExportError("this video coder has no motion tokenizer export (images only)")
-            model = load_export(self.motion_export, MOTION_EXPORT, map_location=self.device)
+            model = load_export(self.motion_export, MOTION_TOKENIZER, map_location=self.device)
             config = model.config
             if config.num_codes != self.vocabulary.motion_codes:
                 raise TokenizerExportError(f"the motion tokenizer in {self.motion_export} has {config.num_codes} "
@@ -182,8 +181,8 @@ class VideoCoder:
         if export not in self._keyframe:
             from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
 
-            export_files(export, KEYFRAME_EXPORT)
-            model = load_keyframe_tokenizer(export, self.keyframe_backbone_weights, name=KEYFRAME_EXPORT,
+            export_files(export, KEYFRAME_TOKENIZER)
+            model = load_keyframe_tokenizer(export, self.keyframe_backbone_weights, name=KEYFRAME_TOKENIZER,
                                             map_location=self.device)
             if model.config.num_codes != self.vocabulary.visual_codes:
                 raise TokenizerExportError(f"the keyframe tokenizer in {export} has {model.config.num_codes} codes "
@@ -247,5 +246,4 @@ class VideoCoder:
 
 
 __all__ = ["VideoCoder", "TokenizerExportError", "exports_fingerprint", "export_files", "video_block_ids",
-           "motion_clip_inputs", "keyframe_inputs", "export_num_codes",
-           "MOTION_EXPORT", "KEYFRAME_EXPORT"]
+           "motion_clip_inputs", "keyframe_inputs", "export_num_codes"]

@@ -15,19 +15,36 @@ vocabulary) share all code paths:
 
 The release checks the same numbers (``motion_tokens + 32000 + 16384 + 4`` for motion codes,
 ``image_token - 32002`` for keyframe codes, and ``motion_vocab_size=1026`` = 1024 codes + 2 markers).
+
+An LLM export records its layout in ``videolavit_vocabulary.json`` (``write_vocabulary_file`` /
+``read_vocabulary_file``): the three sizes, which are all a reader needs, and the ids derived from them, for
+people and other programs reading the file (checked against the sizes when read).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+
+from videolavit.atomic_files import write_text_atomic
+
+VOCABULARY_FILE = "videolavit_vocabulary.json"  # beside the model in an LLM export
+SIZE_FIELDS = ("text_size", "visual_codes", "motion_codes")
+DERIVED_FIELDS = ("size", "image_start_id", "image_end_id", "visual_offset", "motion_start_id", "motion_end_id",
+                  "motion_offset")
 
 
 class VocabularyError(ValueError):
     """A code or token id lies outside the range it was claimed to belong to."""
+
+
+class VocabularyFileError(ValueError):
+    """A directory's vocabulary file is missing, unreadable, or contradicts itself."""
 
 
 class Modality(enum.IntEnum):
@@ -164,6 +181,34 @@ class Vocabulary:
         out[self.is_visual(ids)] = int(Modality.KEYFRAME)
         out[self.is_motion(ids)] = int(Modality.MOTION)
         return out
+
+
+def vocabulary_record(vocabulary: Vocabulary) -> dict[str, int]:
+    """What ``videolavit_vocabulary.json`` holds: the sizes, then the derived ids."""
+    return {name: int(getattr(vocabulary, name)) for name in (*SIZE_FIELDS, *DERIVED_FIELDS)}
+
+
+def write_vocabulary_file(directory: str | Path, vocabulary: Vocabulary) -> Path:
+    """Write ``directory/videolavit_vocabulary.json`` (atomically); returns its path."""
+    return write_text_atomic(Path(directory) / VOCABULARY_FILE, json.dumps(vocabulary_record(vocabulary), indent=2))
+
+
+def read_vocabulary_file(directory: str | Path) -> Vocabulary:
+    """The layout recorded in ``directory/videolavit_vocabulary.json``; ``VocabularyFileError`` if the file is
+    missing, is not a layout, or records an id its sizes do not give. Files holding the sizes only (and ``size``)
+    read too."""
+    path = Path(directory) / VOCABULARY_FILE
+    if not path.is_file():
+        raise VocabularyFileError(f"{directory} has no {VOCABULARY_FILE}")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        vocabulary = Vocabulary(**{name: int(record[name]) for name in SIZE_FIELDS})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VocabularyFileError(f"{path} is not a readable vocabulary layout: {exc}") from None
+    for name in DERIVED_FIELDS:
+        if name in record and record[name] != getattr(vocabulary, name):
+            raise VocabularyFileError(f"{path} says {name} {record[name]} but its sizes give {getattr(vocabulary, name)}")
+    return vocabulary
 
 
 def _in(ids, low: int, high: int):

@@ -11,7 +11,8 @@ frozen here (``requires_grad=False``, run without gradients); the condition head
 ``unet_attnpool``) and the U-Net train in this stage.
 
 Diffusion: the U-Net is preconditioned by a ``videolavit.diffusion`` scaling and trained with the loss weighting
-matched to it (``DiffusionLoss``), so both are chosen together by :class:`KeyframeDiffusionConfig.scaling`:
+matched to it (``DiffusionLoss``), so both are chosen together by :class:`KeyframeDiffusionConfig.scaling`, a name
+of ``videolavit.diffusion.parameterization`` (the video detokenizer's names too):
 
 * ``eps_discrete`` (default, the release and SDXL): ε-prediction on SDXL's 1000-step scaled-linear DDPM
   schedule, the network conditioned on the nearest timestep index, trained at uniformly drawn timesteps; what
@@ -50,19 +51,19 @@ import torch
 from torch import nn
 
 from videolavit.diffusion.denoiser import Denoiser
-from videolavit.diffusion.denoiser_scaling import (
-    DenoiserScaling,
-    DiscreteTimeScaling,
-    EDMScaling,
-    EpsScaling,
-    VScaling,
-    VScalingWithEDMcNoise,
-)
+from videolavit.diffusion.denoiser_scaling import DenoiserScaling
 from videolavit.diffusion.edm import DiffusionLoss
 from videolavit.diffusion.guidance import ConstantGuidance, GuidedDenoiser, unconditional
 from videolavit.diffusion.ddim import ddim_sample
 from videolavit.diffusion.samplers import EulerAncestralSampler, EulerSampler, KarrasSchedule, initial_latents
-from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
+from videolavit.diffusion.parameterization import (
+    SCALINGS,
+    DiffusionParameterization,
+    build_parameterization,
+    is_discrete,
+    scaling_name,
+)
+from videolavit.diffusion.sigma_sampling import SigmaSampler
 from videolavit.models.export import (
     ExportError,
     NonFiniteExportError,
@@ -75,6 +76,7 @@ from videolavit.models.export import (
     save_diffusers_subfolder,
     save_export,
 )
+from videolavit.models.export_names import KEYFRAME_DETOKENIZER, KEYFRAME_TOKENIZER
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoder, KeyframeFeatureDecoderConfig
 from videolavit.models.keyframe_unet import KeyframeUNet, KeyframeUNetConfig, time_ids
 from videolavit.models.latent_space import (
@@ -85,10 +87,9 @@ from videolavit.models.latent_space import (
 )
 from videolavit.models.vector_quantizer import Codebook
 
-EXPORT_NAME = "keyframe_detokenizer"
+EXPORT_NAME = KEYFRAME_DETOKENIZER
 CONDITION_HEADS = ("unet_proj_1.", "unet_proj_2.", "unet_attnpool.")  # of the feature decoder: trained here
 UNCONDITIONAL_KEYS = ("context", "pooled")  # zeroed for the unconditional branch (release); time_ids kept
-SCALINGS = ("eps_discrete", "v_discrete", "edm", "v_edm")
 SAMPLERS = ("euler", "ddim", "euler_ancestral")
 # diffusers scheduler classes of the release's image_detokenizer/scheduler -> our sampler
 RELEASE_SCHEDULERS = {"DDIMScheduler": "ddim", "EulerAncestralDiscreteScheduler": "euler_ancestral"}
@@ -107,7 +108,7 @@ class KeyframeDiffusionConfig:
     ``guidance_scale_for_decoder`` default; 25 Euler steps = σ-space DDIM).
     """
 
-    scaling: str = "eps_discrete"  # one of SCALINGS (module docstring)
+    scaling: str = "eps_discrete"  # one of videolavit.diffusion.parameterization.SCALINGS (module docstring)
     sigma_data: float = 0.5  # ``edm`` only: std of the (latent) data
     # The DDPM schedule of the discrete scalings (SDXL's).
     num_train_timesteps: int = 1000
@@ -131,8 +132,7 @@ class KeyframeDiffusionConfig:
     condition_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"diffusion.scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        self.scaling = scaling_name(self.scaling, SCALINGS, "diffusion.scaling")
         if self.train_sigmas not in (None, "discrete", "log_normal"):
             raise ValueError(f"diffusion.train_sigmas must be 'discrete', 'log_normal' or null, got {self.train_sigmas!r}")
         if self.train_sigmas == "discrete" and not self.discrete:
@@ -142,7 +142,7 @@ class KeyframeDiffusionConfig:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"diffusion.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.sampler != "euler":
-            if self.scaling not in ("eps_discrete", "v_discrete"):
+            if not self.discrete:
                 raise ValueError(f"diffusion.sampler {self.sampler!r} runs on the DDPM timesteps: it needs a "
                                  f"discrete scaling, not {self.scaling!r}")
             if not self.scheduler:
@@ -163,7 +163,7 @@ class KeyframeDiffusionConfig:
         return scheduler
     @property
     def discrete(self) -> bool:
-        return self.scaling.endswith("_discrete")
+        return is_discrete(self.scaling)
 
     def alphas_cumprod(self) -> torch.Tensor:
         """ᾱ_t of the DDPM schedule [num_train_timesteps] (diffusers' betas)."""
@@ -173,18 +173,17 @@ class KeyframeDiffusionConfig:
                                   beta_end=self.beta_end, beta_schedule=self.beta_schedule)
         return scheduler.alphas_cumprod.double()
 
-    def build_scaling(self) -> DenoiserScaling:
-        if self.scaling == "edm":
-            return EDMScaling(self.sigma_data)
-        if self.scaling == "v_edm":
-            return VScalingWithEDMcNoise()
-        base = EpsScaling() if self.scaling == "eps_discrete" else VScaling()
-        return DiscreteTimeScaling(base, self.alphas_cumprod())
+    def parameterization(self) -> DiffusionParameterization:
+        """Scaling, matched loss weighting and training σ sampler (``build_parameterization``)."""
+        return build_parameterization(self.scaling, sigma_data=self.sigma_data,
+                                      alphas_cumprod=self.alphas_cumprod() if self.discrete else None,
+                                      train_sigmas=self.train_sigmas, p_mean=self.p_mean, p_std=self.p_std)
 
-    def build_sigma_sampler(self):
-        if (self.train_sigmas or ("discrete" if self.discrete else "log_normal")) == "discrete":
-            return DiscreteSigmaSampler(self.alphas_cumprod())
-        return LogNormalSigmaSampler(self.p_mean, self.p_std)
+    def build_scaling(self) -> DenoiserScaling:
+        return self.parameterization().scaling
+
+    def build_sigma_sampler(self) -> SigmaSampler:
+        return self.parameterization().sigma_sampler
 
     def schedule(self) -> KarrasSchedule:
         if self.discrete:
@@ -195,20 +194,6 @@ class KeyframeDiffusionConfig:
             low, high = 0.002, 80.0
         return KarrasSchedule(self.sigma_min if self.sigma_min is not None else low,
                               self.sigma_max if self.sigma_max is not None else high, self.rho)
-
-
-class DiscreteSigmaSampler:
-    """σ_t of a uniformly drawn DDPM timestep t, one per sample: how discrete-time U-Nets (SDXL) are trained."""
-
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        self.sigmas = ((1 - alphas) / alphas).sqrt().float()  # [num_train_timesteps]
-
-    def __call__(self, batch_size: int, *, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
-        """σ [batch_size], float32."""
-        t = torch.randint(0, len(self.sigmas), (batch_size,), generator=generator, device=device)
-        return self.sigmas.to(t.device)[t]
 
 
 @dataclass
@@ -299,8 +284,8 @@ class KeyframeDetokenizer(nn.Module):
         self.unet = KeyframeUNet(config.unet)
         for name, param in self.feature_decoder.named_parameters():
             param.requires_grad_(name.startswith(CONDITION_HEADS))
-        self.scaling = config.diffusion.build_scaling()
-        self.sigma_sampler = config.diffusion.build_sigma_sampler()
+        parts = config.diffusion.parameterization()
+        self.scaling, self.sigma_sampler, self.loss_weighting = parts.scaling, parts.sigma_sampler, parts.loss_weighting
         self.latent_space_spec: dict | None = None  # set by load_keyframe_detokenizer / the stage's export
 
     # ---- tokenizer parts -----------------------------------------------------------------------
@@ -377,7 +362,7 @@ class KeyframeDetokenizer(nn.Module):
         if self.training and p > 0:
             drop = torch.rand(x0.shape[0], generator=generator, device=x0.device) < p
             cond = self.drop_condition(cond, drop)
-        return DiffusionLoss(self.sigma_sampler)(self.edm, x0, cond, generator=generator)
+        return DiffusionLoss(self.sigma_sampler, self.loss_weighting)(self.edm, x0, cond, generator=generator)
 
     def sigmas(self, num_steps: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """The sampling schedule [num_steps + 1], descending: to 0 (``euler``), or for the release's samplers
@@ -498,7 +483,7 @@ def save_keyframe_detokenizer(model: KeyframeDetokenizer, directory: str | Path,
     save_diffusers_subfolder(model.unet.net, directory, UNET_SUBFOLDER)
     save_diffusers_scheduler(diffusers_scheduler_config(model.config.diffusion), directory, SCHEDULER_SUBFOLDER)
     extra = {"latent_space": export_latent_space(latent_space, directory), "unet": UNET_SUBFOLDER,
-             "scheduler": SCHEDULER_SUBFOLDER, "keyframe_tokenizer": relative_paths(provenance or {}, directory)}
+             "scheduler": SCHEDULER_SUBFOLDER, KEYFRAME_TOKENIZER: relative_paths(provenance or {}, directory)}
     return save_export(model, directory, name, model.config, extra=extra, exclude=(UNET_PREFIX,))
 
 

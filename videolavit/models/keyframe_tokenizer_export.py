@@ -42,9 +42,10 @@ import torch
 from videolavit.models.eva_vit import EvaViT, EvaViTConfig
 from videolavit.models.export import (FORMAT_VERSION, ExportError, check_export_class, class_path, read_export,
                                       write_export)
+from videolavit.models.export_names import KEYFRAME_TOKENIZER
 from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
 
-EXPORT_NAME = "keyframe_tokenizer"
+EXPORT_NAME = KEYFRAME_TOKENIZER
 BACKBONE_PREFIX = "encoder."
 
 

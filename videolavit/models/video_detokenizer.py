@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from videolavit.diffusion.denoiser import Denoiser, append_dims
-from videolavit.diffusion.denoiser_scaling import DenoiserScaling, EDMScaling, VScalingWithEDMcNoise
+from videolavit.diffusion.denoiser_scaling import DenoiserScaling
 from videolavit.diffusion.edm import DiffusionLoss, DiffusionLossTerms
 from videolavit.diffusion.guidance import GuidedDenoiser, LinearFrameGuidance, unconditional
 from videolavit.diffusion.samplers import EulerSampler, KarrasSchedule, initial_latents
-from videolavit.diffusion.sigma_sampling import LogNormalSigmaSampler
+from videolavit.diffusion.parameterization import build_parameterization, scaling_name
 from videolavit.models.export import (
     ExportError,
     NonFiniteExportError,
@@ -61,6 +61,7 @@ from videolavit.models.export import (
     save_diffusers_subfolder,
     save_export,
 )
+from videolavit.models.export_names import VIDEO_DETOKENIZER
 from videolavit.models.latent_space import (
     LatentSpace,
     LatentSpaceReferenceError,
@@ -71,11 +72,11 @@ from videolavit.models.latent_space import (
 from videolavit.models.motion_condition_encoder import MotionConditionEncoder, MotionConditionEncoderConfig
 from videolavit.models.video_unet import VideoUNet, VideoUNetConfig
 
-EXPORT_NAME = "video_detokenizer"
+EXPORT_NAME = VIDEO_DETOKENIZER
 # what the release's classifier-free guidance zeroes for the unconditional branch (the time ids stay)
 UNCONDITIONAL_KEYS = ("keyframe_latent", "motion_field", "motion_context")
 RESIDUAL_BASE = "residual_base"  # cond key of the clean keyframe latent [b, C, h, w] (keyframe_residual only)
-SCALINGS = ("v", "edm")
+SCALINGS = ("v_edm", "edm")  # the continuous-σ names of videolavit.diffusion.parameterization
 MOTION_RESIZE_MODES = ("bicubic", "area")
 NOISE_AUG_SPACES = ("pixels", "latent")
 RELEASE_DECODE_CHUNK_FRAMES = 8
@@ -89,7 +90,7 @@ class VideoDetokenizerConfig:
     motion_encoder: MotionConditionEncoderConfig = field(default_factory=MotionConditionEncoderConfig)
     motion_gain: float = 0.1  # encoder and U-Net see gain x the motion given to ``conditioning``: 0.1 turns the
     #                           tokenizer scale (x10) back into the standardised field (unit std on real video)
-    scaling: str = "v"  # "v": SVD's v-prediction with EDM c_noise (σ_data 1, latents) | "edm": EDMScaling(sigma_data)
+    scaling: str = "v_edm"  # "v_edm": SVD's v-prediction, EDM c_noise (σ_data 1, latents) | "edm": EDMScaling
     sigma_data: float = 0.5  # data std for scaling "edm" (pixels in [-1, 1])
     p_mean: float = 1.0  # training noise levels: log σ ~ N(p_mean, p_std²) (paper)
     p_std: float = 1.2
@@ -122,8 +123,7 @@ class VideoDetokenizerConfig:
                              f"({e.height}, {e.width})")
         if u.motion_channels != e.in_channels:
             raise ValueError(f"motion channels differ: U-Net {u.motion_channels}, encoder {e.in_channels}")
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        self.scaling = scaling_name(self.scaling, SCALINGS, "scaling")  # "v" of earlier exports: "v_edm"
         if not 0.0 <= self.uncond_prob < 1.0:
             raise ValueError(f"uncond_prob must be in [0, 1), got {self.uncond_prob}")
         if self.motion_gain <= 0:
@@ -183,9 +183,10 @@ class VideoDetokenizer(nn.Module):
         self.config = config = config or VideoDetokenizerConfig()
         self.motion_encoder = MotionConditionEncoder(config.motion_encoder)
         self.unet = VideoUNet(config.unet)
-        self.scaling: DenoiserScaling = (VScalingWithEDMcNoise() if config.scaling == "v"
-                                         else EDMScaling(config.sigma_data))
-        self.diffusion_loss = DiffusionLoss(LogNormalSigmaSampler(config.p_mean, config.p_std))
+        parts = build_parameterization(config.scaling, sigma_data=config.sigma_data, train_sigmas="log_normal",
+                                       p_mean=config.p_mean, p_std=config.p_std)
+        self.scaling: DenoiserScaling = parts.scaling
+        self.diffusion_loss = DiffusionLoss(parts.sigma_sampler, parts.loss_weighting)
         self.schedule = KarrasSchedule(config.sigma_min, config.sigma_max, config.rho)
 
     @property
@@ -365,7 +366,7 @@ UNET_PREFIX = "unet."  # the U-Net's keys in the detokenizer's state dict
 def diffusers_scheduler_config(config: VideoDetokenizerConfig) -> dict:
     """The diffusers scheduler that samples like ``config`` (written to ``scheduler/`` for diffusers users; our
     sampler reads the JSON's config): SVD's Euler scheduler (v-prediction, Karras σ) or EDM's."""
-    if config.scaling == "v":
+    if config.scaling == "v_edm":
         return {"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction", "use_karras_sigmas": True,
                 "sigma_min": config.sigma_min, "sigma_max": config.sigma_max, "timestep_type": "continuous"}
     return {"_class_name": "EDMEulerScheduler", "sigma_min": config.sigma_min, "sigma_max": config.sigma_max,

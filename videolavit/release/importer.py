@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from videolavit.llm.vocabulary import Vocabulary
+from videolavit.llm.vocabulary import Vocabulary, write_vocabulary_file
+from videolavit.models.export_names import KEYFRAME_DETOKENIZER, KEYFRAME_TOKENIZER, MOTION_TOKENIZER, VIDEO_DETOKENIZER
 from videolavit.release import layout as L
 from videolavit.release.checkpoint import ReleaseCheckpointError, load_bin_state_dict
 
@@ -137,7 +138,7 @@ def import_motion_tokenizer(release: Path, out: Path, sizes: dict) -> None:
     state = _bin(path, "the motion tokenizer")
     model = MotionTokenizer(MotionTokenizerConfig.preset("release", **sizes))
     _strict(model, state, str(path), may_lack=("quantize.cluster_size", "quantize.num_updates"))
-    save_export(model, out, "motion_tokenizer", model.config)
+    save_export(model, out, MOTION_TOKENIZER, model.config)
 
 
 def import_keyframe_tokenizer(release: Path, out: Path, sizes: dict) -> torch.Tensor:
@@ -209,7 +210,7 @@ def import_keyframe_detokenizer(release: Path, out: Path, codebook: torch.Tensor
     model.load_tokenizer_parts(codebook, model.feature_decoder.state_dict())
     unet_path = root / IMAGE_UNET
     _strict(model.unet.net, _bin(unet_path, "the keyframe U-Net weights"), str(unet_path))
-    dest = out / "keyframe_detokenizer"
+    dest = out / KEYFRAME_DETOKENIZER
     _copy_vae(_require(root / "vae", "the keyframe VAE"), dest / "vae")
     save_keyframe_detokenizer(model, dest, _vae_space(temporal=False), provenance={"release": root.name})
 
@@ -261,7 +262,7 @@ def import_video_detokenizer(release: Path, out: Path, sizes: dict, encoder_size
                                float(vae_config.get("scaling_factor", 0.18215)))
     model = VideoDetokenizer(config)
     _strict(model, state, str(weights))
-    dest = out / "video_detokenizer"
+    dest = out / VIDEO_DETOKENIZER
     _copy_vae(root / "vae", dest / "vae")
     save_video_detokenizer(model, dest, VideoDetokenizerSpec(
         latent_space=_vae_space(temporal=True), frame_size=tuple(spec_sizes["frame_size"]),
@@ -309,8 +310,6 @@ def _fast_tokenizer(src: Path, dest: Path):
 
 
 def import_llm(src: Path, dest: Path, vocabulary: Vocabulary, keyframe_keys: set[str] | None) -> None:
-    from videolavit.inference.video_chat import VOCABULARY_FILE
-
     config = _json(src / "config.json", "an LLM config")
     if int(config.get("vocab_size", -1)) != vocabulary.size:
         raise ReleaseImportError(f"{src / 'config.json'}: vocab_size {config.get('vocab_size')} is not the "
@@ -324,9 +323,7 @@ def import_llm(src: Path, dest: Path, vocabulary: Vocabulary, keyframe_keys: set
     if len(tokenizer) != vocabulary.text_size:
         raise ReleaseImportError(f"{src}: the tokenizer has {len(tokenizer)} ids, the release's text ids are "
                                  f"0..{vocabulary.text_size - 1}")
-    layout = {"text_size": vocabulary.text_size, "visual_codes": vocabulary.visual_codes,
-              "motion_codes": vocabulary.motion_codes, "size": vocabulary.size}
-    (dest / VOCABULARY_FILE).write_text(json.dumps(layout, indent=2))
+    write_vocabulary_file(dest, vocabulary)
     visual = src / L.VISUAL_WEIGHT
     if visual.is_file():  # the keyframe tokenizer's parts trained with this LLM (continuous keyframes)
         state = _bin(visual, "the LLM's visual weights")
@@ -353,20 +350,20 @@ def import_release(release: str | Path, out: str | Path, sizes: dict | None = No
     out.mkdir(parents=True, exist_ok=True)
     report = ImportReport()
     import_motion_tokenizer(release, out, sizes.get("motion_tokenizer", {}))
-    report.written.append("motion_tokenizer")
+    report.written.append(MOTION_TOKENIZER)
     codebook = import_keyframe_tokenizer(release, out, sizes.get("keyframe_tokenizer", {}))
-    report.written.append("keyframe_tokenizer")
+    report.written.append(KEYFRAME_TOKENIZER)
     import_keyframe_detokenizer(release, out, codebook, sizes.get("keyframe_detokenizer", {}),
                                 sizes.get("keyframe_feature_decoder", {}))
-    report.written.append("keyframe_detokenizer")
+    report.written.append(KEYFRAME_DETOKENIZER)
     import_video_detokenizer(release, out, sizes.get("video_detokenizer", {}), sizes.get("motion_encoder", {}))
-    report.written.append("video_detokenizer")
+    report.written.append(VIDEO_DETOKENIZER)
     from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
 
     with torch.device("meta"):
         keyframe_keys = set(KeyframeTokenizer(KeyframeTokenizerConfig(**sizes.get("keyframe_tokenizer", {})))
                             .state_dict())
-    motion_codes = int(json.loads((out / "motion_tokenizer.json").read_text())["config"].get("num_codes", 1024))
+    motion_codes = int(json.loads((out / f"{MOTION_TOKENIZER}.json").read_text())["config"].get("num_codes", 1024))
     vocabulary = Vocabulary(text_size=32000, visual_codes=int(codebook.shape[0]), motion_codes=motion_codes)
     found = [name for name in L.LLM_DIRECTORIES if (release / name).is_dir()]
     if not found:
