@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from videolavit.commands.demo import EXPORTS, NEEDS, STAGES, TOKENS, _passes, _select
+from videolavit.commands.demo import EXPORTS, NEEDS, STAGES, TOKENS, _select
+from videolavit.commands.demo_checks import passes
 from videolavit.commands.demo_schedule import GraphError, Job, JobFailed, check_graph, run_jobs
 from videolavit.video.frames import decode_all_frames
 
@@ -81,13 +82,33 @@ def test_held_out_answers_and_generated_videos_are_well_formed(smoke_run):
     assert t2v["motion_codes_agreement"] == sum(
         m == e for m, e in zip(t2v["motion_codes_directions"], t2v["expected"])) / 2
     assert 1 <= t2v["keyframe_codes_mean"] <= 64
-    assert "The LLM's motion codes alone" in (smoke_run / "report.md").read_text()
+    markdown = (smoke_run / "report.md").read_text()
+    assert "The LLM's motion codes alone" in markdown
+    # Generated clips are scored on their frames with the same measures as the real clips of the same captions.
+    assert set(t2v["checks"]) == {"direction", "color", "shape"}
+    for name, check in t2v["checks"].items():
+        assert check["passed"] is None and 0.0 <= check["value"] <= 1.0 and check["real_clips"] == 1.0, name
+        assert f"| {name} | {check['value']:.3f} |" in markdown
+
+
+def test_the_report_shows_pictures_of_the_clips_and_the_training_curves(smoke_run):
+    from PIL import Image
+
+    report = json.loads((smoke_run / "report.json").read_text())
+    markdown = (smoke_run / "report.md").read_text()
+    for name in (report["text_to_video"]["picture"], report["curves"]):
+        assert f"]({name})" in markdown  # relative to report.md
+        with Image.open(smoke_run / name) as image:
+            assert image.format == "PNG" and image.width > 200 and image.height > 100
+    with Image.open(smoke_run / report["text_to_video"]["picture"]) as image:  # one row per held-out prompt
+        assert image.height > 2 * 32
 
 
 def test_pass_rules():
-    assert _passes("<= 0.30", 0.2, None) and not _passes("<= 0.30", 0.4, None)
-    assert _passes("< 0.5 * baseline", 3.0, 7.0) and not _passes("< 0.5 * baseline", 4.0, 7.0)
-    assert not _passes("< 0.5 * baseline", 3.0, None) and not _passes(">= 0.5", None, None)
+    assert passes("<= 0.30", 0.2, None) and not passes("<= 0.30", 0.4, None)
+    assert passes("< 0.5 * baseline", 3.0, 7.0) and not passes("< 0.5 * baseline", 4.0, 7.0)
+    assert not passes("< 0.5 * baseline", 3.0, None) and not passes(">= 0.5", None, None)
+    assert passes("< baseline", 3.0, 7.0) and not passes("> baseline", 3.0, 7.0)
 
 
 class Recorder:

@@ -34,12 +34,11 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from videolavit.commands.demo_checks import Rule, load_demo_checks, passes
 from videolavit.commands.demo_schedule import Job, JobFailed, Outcome, downstream, run_jobs, upstream
-from videolavit.experiment_configs import tiny_config
 from videolavit.synth.stills import IMAGE_QA_FILE
 
 HELP = ("run the whole chain on the synthetic corpus (CPU, ~15 min on 2 idle cores, independent stages on 2 lanes) "
@@ -50,62 +49,12 @@ TINY = Path("runs/tiny")  # relative to the work directory, as in the tiny confi
 EXPORTS = TINY / "exports"
 TOKENS = {split: TINY / "data" / f"tokens_{split}" for split in ("train", "val")}  # the tiny LLM configs' shards
 CHANCE = {"shape": 1 / 4, "color": 1 / 5, "direction": 1 / 4}
-# Held-out captions generated (all 16: at 8, two runs gave 0.625 and 0.125) and sampling steps of both U-Nets
-# (release: 25).
-T2V_PROMPTS, T2V_STEPS = 16, 10
 STILLS_PER_VIDEO = 8  # training stills: the tiny pretrain/instruct configs' image-text and image-QA sources
 VAL_STILLS_PER_VIDEO = 2  # held-out stills: the vision backbone's validation
-# The tiny LLM decodes the motion block greedily with motion CFG 3 (release: sampling, CFG 7). On 16 held-out
-# captions (one chain's exports) the decoded motion fields point the captioned way 14/16 (greedy, CFG 1 or 3) vs
-# 13/16 (release), and are sharper (top-4 blocks hold 38-42% of a frame's motion vs 30%). Keyframe blocks are
-# sampled without CFG: greedily, or with keyframe CFG 4, [/IMG] (whose place the tokenizer's sampled selection makes
-# uncertain) never wins and every keyframe ran to the 64-code cap (held-out keyframes have ~22); sampled at CFG 1
-# they had 20 on average.
-T2V_SAMPLING = ["--temperature", "0", "--motion-guidance", "3", "--keyframe-temperature", "1",
-                "--keyframe-guidance", "1"]
-SMOKE_STEPS = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1"]
-
-
-@dataclass
-class Stage:
-    name: str  # the tiny config's name and its TensorBoard log directory under runs/tiny
-    export: str  # what it leaves in runs/tiny/exports (a file or directory); checked to exist
-    check: str = ""  # what its learning check compares
-    metric: str | None = None  # the logged scalar checked
-    passes: str = ""  # "<= 0.30", ">= 0.5", or "< baseline" (see _passes)
-    baseline: str | None = None  # "before training": the metric of the same config validated untrained
-    baseline_metric: str | None = None  # or another scalar the same run logs (e.g. a control condition)
-    smoke: list[str] = field(default_factory=list)  # extra overrides in --smoke
-
-    @property
-    def config(self) -> Path:
-        return tiny_config(self.name)
-
-
-STAGES = [
-    Stage("motion_tokenizer", "motion_tokenizer.safetensors",
-          "held-out motion reconstruction MSE / MSE of predicting zero motion", "val/recon_ratio", "<= 0.30",
-          smoke=["--data.init_args.batch_size", "8"]),
-    Stage("vision_backbone", "vision_backbone.safetensors",
-          "held-out shape named by the backbone's caption-word head (chance 0.25)", "val/word_accuracy/shape",
-          ">= 0.5", smoke=["--data.init_args.batch_size", "8", "--data.init_args.val_batch_size", "8"]),
-    Stage("keyframe_tokenizer", "keyframe_tokenizer.safetensors",
-          "held-out cosine of the ViT features decoded from the codes (0 = unrelated)", "val/feature_cosine",
-          ">= 0.5", smoke=["--data.init_args.batch_size", "8"]),
-    # PSNR alone passes a g_I that ignores its codes (a plain background scores ~20 dB here), so the check is
-    # that an image's own codes denoise it better than another image's codes do (same noise and sigma).
-    Stage("keyframe_detokenizer", "keyframe_detokenizer",
-          "held-out denoising loss given the keyframe's codes vs given another keyframe's codes", "val/loss",
-          "< 0.95 * baseline", baseline_metric="val/loss_other_codes", smoke=["--data.init_args.batch_size", "4"]),
-    Stage("video_detokenizer", "video_detokenizer",
-          "direction of motion in clips rendered from held-out keyframe + motion tokens (chance 0.25)",
-          "val/direction_agreement", ">= 0.5", smoke=["--data.init_args.batch_size", "2", "--model.init_args.direction_clips",
-                                                     "2", "--model.init_args.sample_steps", "2"]),
-    Stage("pretrain", "pretrain",
-          "held-out caption loss after pre-training vs the same model before training", "val/loss_text",
-          "< 0.5 * baseline", baseline="val/loss_text before training", smoke=["--data.init_args.batch_size", "2"]),
-    Stage("instruct", "instruct", smoke=["--data.init_args.batch_size", "2", "--model.init_args.qa_eval_questions", "4"]),
-]
+CHECKS = load_demo_checks()  # experiments/tiny/demo/checks.yaml: pass rules and generation settings
+STAGES = CHECKS.stages
+SMOKE_STEPS = CHECKS.smoke_steps
+FIGURES = {"text_to_video": "text_to_video.png", "curves": "training_curves.png"}  # under runs/tiny
 
 # The job graph: what each job reads (shards, or exports in runs/tiny/exports) comes from the jobs it needs.
 # Ready jobs start in this order, so one lane runs them in exactly this order.
@@ -242,21 +191,6 @@ def last_scalars(log_dir: Path) -> dict[str, float]:
     return {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
 
 
-def _passes(rule: str, value: float | None, baseline: float | None) -> bool:
-    if value is None:
-        return False
-    op, _, bound = rule.partition(" ")
-    if bound.endswith("baseline"):
-        if baseline is None:
-            return False
-        factor = bound.split("*")[0].strip()
-        bound_value = (float(factor) if factor != "baseline" else 1.0) * baseline
-    else:
-        bound_value = float(bound)
-    return {"<=": value <= bound_value, ">=": value >= bound_value, "<": value < bound_value,
-            ">": value > bound_value}[op]
-
-
 def _run_stage(run: Runner, stage: Stage, smoke: bool) -> dict:
     extra = (SMOKE_STEPS + stage.smoke if smoke else []) + run.trainer_overrides
     baseline = None
@@ -275,13 +209,16 @@ def _run_stage(run: Runner, stage: Stage, smoke: bool) -> dict:
               "metrics": {k: round(v, 5) for k, v in sorted(scalars.items()) if k.startswith("val/")}}
     if stage.metric:
         result["check"] = {"what": stage.check, "metric": stage.metric, "value": value, "rule": stage.passes,
-                           "baseline": baseline, "passed": None if smoke else _passes(stage.passes, value, baseline)}
+                           "baseline": baseline, "passed": None if smoke else passes(stage.passes, value, baseline)}
     if not result["export_exists"]:
         raise DemoError(f"{stage.name} finished but wrote no export at {export}")
     return result
 
 
 def _question_answering(run: Runner, smoke: bool) -> dict:
+    """Held-out QA with ``chat --qa-file``, scored by chat itself (its ``.accuracy.json``)."""
+    from videolavit.commands.chat import accuracy_path
+
     corpus = TINY / "data" / "corpus_val"
     out = TINY / "qa_predictions.jsonl"
     seconds = run("chat_heldout", "chat", "--model", str(EXPORTS / "instruct"), "--tokenizers", str(EXPORTS),
@@ -290,47 +227,117 @@ def _question_answering(run: Runner, smoke: bool) -> dict:
     records = [json.loads(line) for line in (run.workdir / out).read_text().splitlines() if line.strip()]
     if not records or not all({"question", "answer", "pred"} <= set(r) for r in records):
         raise DemoError(f"{out} is not well formed")
-    by_attribute: dict[str, list[bool]] = {}
-    for r in records:
-        correct = r["pred"].strip().lower().strip(".!") == r["answer"].strip().lower()
-        by_attribute.setdefault(r.get("attribute", "all"), []).append(correct)
-    accuracy = {k: sum(v) / len(v) for k, v in sorted(by_attribute.items())}
+    scored = json.loads((run.workdir / accuracy_path(out)).read_text()).get("accuracy")
+    if not scored:
+        raise DemoError(f"chat wrote no accuracy for {out} (are the held-out answers one word each?)")
+    accuracy = {k: v["accuracy"] for k, v in scored["per_attribute"].items()}
+    rule = Rule(CHECKS.question_answering)
     return {"minutes": round(seconds / 60, 2), "questions": len(records), "predictions": str(out),
-            "accuracy": accuracy, "chance": {k: CHANCE.get(k) for k in accuracy},
-            "passed": None if smoke else all(acc >= 0.8 for acc in accuracy.values())}
+            "accuracy": accuracy, "chance": {k: CHANCE.get(k) for k in accuracy}, "rule": rule.text,
+            "passed": None if smoke else all(rule.passes(acc) for acc in accuracy.values())}
+
+
+def _clip_attributes(frames, count: int) -> tuple[str | None, str | None]:
+    """The colour and shape most of ``count`` evenly spaced frames of a uint8 [T, H, W, 3] clip show."""
+    from collections import Counter
+
+    import torch
+
+    from videolavit.evaluation.figures import pick_frames
+    from videolavit.metrics.shape_color import dominant_colors, dominant_shapes
+
+    images = torch.from_numpy(pick_frames(frames, count)).permute(0, 3, 1, 2).contiguous()
+
+    def majority(values):
+        found = Counter(v for v in values if v is not None).most_common(1)
+        return found[0][0] if found else None
+
+    return majority(dominant_colors(images)), majority(dominant_shapes(images))
+
+
+def _real_clip(run: Runner, spec, size: tuple[int, int]):
+    """The held-out video of ``spec`` at the generated clips' frame size (the views' antialiased resize)."""
+    import torch
+
+    from videolavit.video.frames import decode_all_frames
+
+    video = next((run.workdir / TINY / "data" / "corpus_val" / "videos").glob(f"{spec.videoid}.*"))
+    frames = torch.from_numpy(decode_all_frames(video)).permute(0, 3, 1, 2).float()
+    frames = torch.nn.functional.interpolate(frames, size=size, mode="bilinear", antialias=True)
+    return frames.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _text_to_video(run: Runner, smoke: bool) -> dict:
+    from videolavit.evaluation.figures import ClipRow, clip_grid
+    from videolavit.metrics.shape_color import attribute_agreement
     from videolavit.synth.moving_shapes import load_corpus
     from videolavit.video.frames import decode_all_frames
     from videolavit.video.motion_direction import direction_agreement, measure_motion
 
-    specs = load_corpus(run.workdir / TINY / "data" / "corpus_val")[:T2V_PROMPTS if not smoke else 2]
+    settings = CHECKS.text_to_video
+    steps = 2 if smoke else settings.steps
+    specs = load_corpus(run.workdir / TINY / "data" / "corpus_val")[:settings.prompts if not smoke else 2]
     prompts = run.workdir / TINY / "t2v_prompts.txt"
     prompts.write_text("".join(s.caption + "\n" for s in specs))  # the held-out videos' own captions
     out_dir = TINY / "t2v"
     seconds = run("generate_heldout", "generate", "--exports", str(EXPORTS), "--prompts-file", str(prompts),
-                  "--out-dir", str(out_dir), "--video-steps", str(2 if smoke else T2V_STEPS),
-                  "--keyframe-steps", str(2 if smoke else T2V_STEPS), "--device", run.device, *T2V_SAMPLING)
-    measured, frames_ok = [], True
+                  "--out-dir", str(out_dir), "--video-steps", str(steps), "--keyframe-steps", str(steps),
+                  "--device", run.device, *settings.sampling)
+    measured, colors, shapes, rows, frames_ok = [], [], [], [], True
+    real = {"direction": [], "color": [], "shape": []}  # the same measures on the real clips: their ceiling
     for index, spec in enumerate(specs):
         frames = decode_all_frames(run.workdir / out_dir / f"clip_{index:04d}.mp4")
         frames_ok &= frames.shape[0] == 24
         measured.append(measure_motion(frames).direction)
-    expected = [s.direction for s in specs]
-    agreement = direction_agreement(measured, expected)
+        color, shape = _clip_attributes(frames, settings.frames_shown)
+        colors.append(color)
+        shapes.append(shape)
+        step = max(1, round(spec.fps / 6))  # the generated clip's span at 6 fps
+        source = _real_clip(run, spec, frames.shape[1:3])[:step * len(frames):step]
+        real_color, real_shape = _clip_attributes(source, settings.frames_shown)
+        real["color"].append(real_color)
+        real["shape"].append(real_shape)
+        real["direction"].append(measure_motion(source).direction)
+        rows.append(ClipRow(f"{spec.caption} -> generated: {color} {shape} moving {measured[-1]}",
+                            [frames, source], ["generated", "real"]))
+    truth = {"direction": [s.direction for s in specs], "color": [s.color for s in specs],
+             "shape": [s.shape for s in specs]}
+    generated = {"direction": measured, "color": colors, "shape": shapes}
+    agreement = {k: attribute_agreement(generated[k], truth[k]) for k in truth}
+    ceiling = {k: attribute_agreement(real[k], truth[k]) for k in truth}
+    picture = clip_grid(rows, run.workdir / TINY / FIGURES["text_to_video"], frames_per_clip=settings.frames_shown)
     # What the LLM wrote before g_I and g_V rendered it: tells a text-to-motion failure from a rendering one.
     records = [json.loads(line) for line in (run.workdir / out_dir / "generated.jsonl").read_text().splitlines()]
     llm_directions = [r["clips"][0]["motion_direction"] for r in records]
     keyframe_codes = [r["clips"][0]["keyframe_codes"] for r in records]
-    return {"minutes": round(seconds / 60, 2), "videos": len(specs), "sampling_steps": 2 if smoke else T2V_STEPS,
-            "llm_sampling": " ".join(T2V_SAMPLING),
-            "frames_per_video_ok": bool(frames_ok),
-            "direction_agreement": agreement, "chance": 0.25, "measured": measured, "expected": expected,
-            "motion_codes_agreement": direction_agreement(llm_directions, expected),
+    checks = {k: {"value": agreement[k], "rule": rule, "real_clips": ceiling[k],
+                  "passed": None if smoke else Rule(rule).passes(agreement[k])}
+              for k, rule in settings.passes.items()}
+    return {"minutes": round(seconds / 60, 2), "videos": len(specs), "sampling_steps": steps,
+            "llm_sampling": " ".join(settings.sampling), "frames_per_video_ok": bool(frames_ok),
+            "direction_agreement": agreement["direction"], "chance": CHANCE, "checks": checks,
+            "generated": generated, "expected": truth, "picture": str(picture.relative_to(run.workdir / TINY)),
+            "motion_codes_agreement": direction_agreement(llm_directions, truth["direction"]),
             "motion_codes_directions": llm_directions,
             "keyframe_codes_mean": sum(keyframe_codes) / len(keyframe_codes),
-            "passed": None if smoke else agreement > 0.5}
+            "passed": None if smoke else all(c["passed"] for c in checks.values())}
+
+
+def training_curves_of(workdir: Path, stages: list) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Per stage, its training loss and its check's metric (every point logged) from its newest TensorBoard run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = {}
+    for stage in stages:
+        versions = sorted((workdir / TINY / stage.name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+        if not versions:
+            continue
+        accumulator = EventAccumulator(str(versions[-1]), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        tags = accumulator.Tags()["scalars"]
+        wanted = [t for t in tags if t == "train/loss" or t == stage.metric or t == stage.baseline_metric]
+        curves[stage.name] = {t: [(e.step, e.value) for e in accumulator.Scalars(t)] for t in wanted}
+    return curves
 
 
 def _verdict(passed: bool | None) -> str:
@@ -354,17 +361,26 @@ def _markdown(report: dict) -> str:
                      f"{r['minutes']} |")
     qa = report.get("question_answering")
     if qa:
-        lines += ["", f"Held-out QA ({qa['questions']} questions, {qa['minutes']} min; goal >= 0.8 on every "
+        lines += ["", f"Held-out QA ({qa['questions']} questions, {qa['minutes']} min; goal {qa['rule']} on every "
                       f"attribute: {_verdict(qa['passed'])}):", "",
                   "| attribute | accuracy | chance |", "|---|---|---|"]
         lines += [f"| {k} | {v:.3f} | {qa['chance'].get(k) or 0:.3f} |" for k, v in qa["accuracy"].items()]
     t2v = report.get("text_to_video")
     if t2v:
-        lines += ["", f"Text-to-video on {t2v['videos']} held-out prompts ({t2v['minutes']} min): direction agreement "
-                      f"{t2v['direction_agreement']:.3f} (chance {t2v['chance']}; goal > 0.5: {_verdict(t2v['passed'])}). "
-                      f"The LLM's motion codes alone (decoded by the motion tokenizer) point the caption's way in "
+        lines += ["", f"Text-to-video on {t2v['videos']} held-out prompts ({t2v['minutes']} min, "
+                      f"{t2v['sampling_steps']} sampling steps): {_verdict(t2v['passed'])}", "",
+                  "| measured on the generated clips | value | goal | result | same measure on the real clips | chance |",
+                  "|---|---|---|---|---|---|"]
+        for name, check in t2v["checks"].items():
+            lines.append(f"| {name} | {check['value']:.3f} | {check['rule']} | {_verdict(check['passed'])} | "
+                         f"{check['real_clips']:.3f} | {t2v['chance'].get(name, 0):.3f} |")
+        lines += ["", f"The LLM's motion codes alone (decoded by the motion tokenizer) point the caption's way in "
                       f"{t2v['motion_codes_agreement']:.3f}; its keyframes have {t2v['keyframe_codes_mean']:.1f} codes "
-                      "on average."]
+                      "on average.", "",
+                  f"![generated clip (left) beside the real clip of the same caption (right)]({t2v['picture']})"]
+    if report.get("curves"):
+        lines += ["", "Training curves (each stage's training loss and the scalar its check reads):", "",
+                  f"![training curves]({report['curves']})"]
     skipped = f"; not rerun (--from-stage): {', '.join(report['skipped'])}" if report["skipped"] else ""
     lines += ["", f"Jobs ({report['job_minutes']} min of job time in {report['minutes']} min wall clock{skipped}):", "",
               "| job | lane | started (min) | minutes |", "|---|---|---|---|"]
@@ -396,12 +412,13 @@ def _summary(name: str, result) -> str:
     """One line of a finished job's learning check for the progress log."""
     if name == "question_answering":
         accuracy = ", ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items())
-        return f"; accuracy {accuracy} (goal >= 0.8 each: {_verdict(result['passed'])})"
+        return f"; accuracy {accuracy} (goal {result['rule']} each: {_verdict(result['passed'])})"
     if name == "tokenize":
         return "; " + ", ".join(f"{split}: {result[split]['clips']} clips of {result[split]['videos']} videos"
                                 for split in TOKENS)
     if name == "text_to_video":
-        return f"; direction agreement {result['direction_agreement']:.3f} (goal > 0.5: {_verdict(result['passed'])})"
+        measured = ", ".join(f"{k} {c['value']:.2f} ({c['rule']})" for k, c in result["checks"].items())
+        return f"; {measured}: {_verdict(result['passed'])}"
     check = result.get("check") if isinstance(result, dict) else None
     if not check:
         return ""
@@ -485,6 +502,11 @@ def run(args: argparse.Namespace) -> int:
                                "minutes": round(o.seconds / 60, 2)}
                       for o in sorted(outcomes.values(), key=lambda o: o.start)}
     report["job_minutes"] = round(sum(o.seconds for o in outcomes.values()) / 60, 2)
+    curves = training_curves_of(workdir, STAGES)  # every stage with a log, rerun or not
+    if curves and any(any(tags.values()) for tags in curves.values()):
+        from videolavit.evaluation.figures import training_curves
+
+        report["curves"] = training_curves(curves, workdir / TINY / FIGURES["curves"]).name
     report["minutes"] = round((time.time() - started) / 60, 2)  # wall clock, setup and report included
     (workdir / TINY / "report.json").write_text(json.dumps(report, indent=2))
     markdown = _markdown(report)
