@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM
 
 from datamodules.instruct_views import (
@@ -37,6 +36,7 @@ from videolavit.llm.sequences import IGNORE_INDEX, PAD_DOCUMENT_ID
 from videolavit.llm.text_tokenizer import BOS_ID, EOS_ID, build_tiny_tokenizer
 from videolavit.llm.token_shards import encode_token_sample
 from videolavit.llm.vocabulary import Vocabulary
+from tests.stage_configs import write_stage_config
 from tests.tensorboard_scalars import scalars
 from tests.tiny_tokenizers import build_tokenizer_exports
 
@@ -398,37 +398,11 @@ def test_left_padded_batched_decoding_equals_one_prompt_at_a_time(pretrain_expor
 
 # ------------------------------------------------------------------------------------------- CLI + export + chat
 def write_config(root: Path, shards: Path, corpus: Path, export: Path, exports: Path, **trainer) -> Path:
-    vocabulary = {"text_size": VOCAB.text_size, "visual_codes": VOCAB.visual_codes, "motion_codes": VOCAB.motion_codes}
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 3, "val_check_interval": 3,
-            "check_val_every_n_epoch": None, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
-            "enable_progress_bar": False, "enable_model_summary": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(root / "logs"), "name": "instruct"}},
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
-                                         "every_n_train_steps": 3}}],
-            **trainer,
-        },
-        "model": {"class_path": "stages.instruct.InstructStage",
-                  "init_args": {"init_from": str(export), "llm_path": str(export), "qa_eval_questions": 6,
-                                "qa_max_new_tokens": 2,
-                                "optimizer": {"lr": 1e-3}, "export_dir": str(root / "export")}},
-        "data": {"class_path": "datamodules.video_datamodule.VideoDataModule",
-                 "init_args": {"train_shards": str(shards), "val_shards": str(shards),
-                               "view": {"class_path": "datamodules.instruct_views.InstructionSequenceView",
-                                        "init_args": {"tokens": {"tokenizer_path": str(export),
-                                                                 "vocabulary": vocabulary, "seq_len": 256,
-                                                                 "tokenizer_exports": str(exports)},
-                                                      "conversations": str(corpus / "qa.json")}},
-                               "batch_size": 4, "samples_per_epoch": 64, "shuffle_buffer": 8, "num_workers": 0}},
-    }
-    path = root / "config.yaml"
-    root.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    view = {"tokens": {"tokenizer_path": str(export), "tokenizer_exports": str(exports)},
+            "conversations": str(corpus / "qa.json")}
+    return write_stage_config("instruct", root, shards, {
+        "model": {"init_args": {"init_from": str(export), "llm_path": str(export)}},
+        "data": {"init_args": {"view": {"init_args": view}}}}, trainer=trainer)
 
 
 def test_tiny_fit_logs_qa_accuracy_exports_resumes_and_video_chat_answers(token_shards, synthetic_corpus,

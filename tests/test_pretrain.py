@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from datamodules.tokenize_shards import TokenizeConfig, run_tokenize
@@ -26,13 +25,13 @@ from videolavit.llm.sequences import IGNORE_INDEX, collate_packed_rows, multimod
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer
 from videolavit.llm.vocabulary import VOCABULARY_FILE, Vocabulary
 from videolavit.synth.moving_shapes import plan_corpus
+from tests.stage_configs import stage_conf, write_stage_config
 from tests.tensorboard_scalars import scalars
 from tests.tiny_tokenizers import build_tokenizer_exports
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = Vocabulary(text_size=300, visual_codes=16, motion_codes=32)  # 352 ids
-LLM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-           max_position_embeddings=256)
+LLM = stage_conf("pretrain")["model"]["init_args"]["llm_config"]  # tests/conf/pretrain.yaml
 TRAIN_CAPTIONS = [spec.caption for spec in plan_corpus(64, seed=0)]
 HELD_OUT_CAPTIONS = [spec.caption for spec in plan_corpus(16, seed=1)]
 
@@ -231,50 +230,12 @@ def cli_inputs(prepared_shards, tmp_path_factory) -> dict:
 
 
 def write_config(root: Path, shards: Path, inputs: dict, **trainer) -> Path:
-    vocabulary = {"text_size": VOCAB.text_size, "visual_codes": VOCAB.visual_codes, "motion_codes": VOCAB.motion_codes}
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 4,
-            "val_check_interval": 2, "check_val_every_n_epoch": None, "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
-            "gradient_clip_val": 1.0,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(root / "logs"), "name": "pretrain"}},
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
-                                         "every_n_train_steps": 2, "save_top_k": -1}},
-                          {"class_path": "lightning.pytorch.callbacks.ThroughputMonitor",
-                           "init_args": {"batch_size_fn": "callbacks.batch_measures.samples",
-                                         "length_fn": "callbacks.batch_measures.tokens", "window_size": 2}}],
-            **trainer,
-        },
-        "model": {
-            "class_path": "stages.pretrain.PretrainStage",
-            "init_args": {"tokenizer_path": str(root / "text_tokenizer"),
-                          "build_tokenizer_if_missing": {"shards": str(shards)},
-                          "vocabulary": vocabulary, "llm_config": LLM,
-                          "optimizer": {"lr": 1e-3, "warmup_steps": 1,
-                                        "extra_lr": {name: 2.5e-3 for name in NEW_ROW_PARAMETERS}},
-                          "export_dir": str(root / "export")},
-        },
-        "data": {
-            "class_path": "datamodules.video_datamodule.VideoDataModule",
-            "init_args": {
-                "train_shards": str(shards), "val_shards": str(shards),
-                "view": {"class_path": "datamodules.llm_views.PretrainSequenceView",
-                         "init_args": {"tokens": {"tokenizer_path": str(root / "text_tokenizer"),
-                                                  "vocabulary": vocabulary, "seq_len": 128,
-                                                  "tokenizer_exports": str(inputs["exports"])},
-                                       "text_corpus": str(inputs["text"]), "val_text_corpus": str(inputs["text"]),
-                                       "weights": {"video_text": 1.0, "text": 0.5}}},
-                "batch_size": 4, "samples_per_epoch": 64, "shuffle_buffer": 8, "num_workers": 0},
-        },
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    tokenizer = str(root / "text_tokenizer")
+    view = {"tokens": {"tokenizer_path": tokenizer, "tokenizer_exports": str(inputs["exports"])},
+            "text_corpus": str(inputs["text"]), "val_text_corpus": str(inputs["text"])}
+    return write_stage_config("pretrain", root, shards, {
+        "model": {"init_args": {"tokenizer_path": tokenizer, "build_tokenizer_if_missing": {"shards": str(shards)}}},
+        "data": {"init_args": {"view": {"init_args": view}}}}, trainer=trainer)
 
 
 def test_tiny_fit_through_the_cli_logs_per_modality_losses_exports_and_resumes(cli_inputs, tmp_path):

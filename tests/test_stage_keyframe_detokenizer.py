@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from diffusers import AutoencoderKL
 
 from stages.keyframe_detokenizer import SOURCE_KEY, KeyframeDetokenizerStage, check_tokenizer_export, psnr
 from stages.keyframe_tokenizer import KeyframeTokenizerStage
+from tests.stage_configs import stage_conf, write_stage_config
 from tests.tensorboard_scalars import scalars
 from videolavit.cli import run_lightning_cli
+from videolavit.config_files import read_config
 from videolavit.models.export import ExportError
 from videolavit.models.keyframe_detokenizer import (
     KeyframeDetokenizerConfig,
@@ -36,11 +37,8 @@ TOKENIZER = dict(vit=VIT, merger_depth=1, merger_heads=2, merger_mlp_dim=64, num
                  eval_selection="sample")
 DECODER = dict(code_dim=8, width=32, depth=1, num_heads=2, mlp_dim=64, num_queries=16, max_codes=16, feature_dim=32,
                unet_context_dims=[12, 20], unet_pooled_dim=20)
-UNET = dict(in_channels=3, out_channels=3, block_out_channels=[16, 32],
-            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-            layers_per_block=1, transformer_layers_per_block=[1, 1], num_heads=[2, 2], context_dim=32, pooled_dim=20,
-            addition_time_embed_dim=8, norm_num_groups=8)
-DIFFUSION = dict(scaling="edm", num_steps=3, guidance_scale=2.0)
+UNET = stage_conf("keyframe_detokenizer")["model"]["init_args"]["unet"]  # tests/conf/keyframe_detokenizer.yaml
+DIFFUSION = stage_conf("keyframe_detokenizer")["model"]["init_args"]["diffusion"]
 TRAINED = ("detokenizer.unet.", "detokenizer.feature_decoder.unet_proj_1.", "detokenizer.feature_decoder.unet_proj_2.",
            "detokenizer.feature_decoder.unet_attnpool.")
 
@@ -66,43 +64,8 @@ def tiny_stage(init_from: Path | None, **kwargs) -> KeyframeDetokenizerStage:
 
 
 def write_config(root: Path, shards: Path, init_from: Path | None) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 4,
-            "val_check_interval": 2, "check_val_every_n_epoch": None, "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
-            "gradient_clip_val": 1.0,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(root / "logs"), "name": "keyframe_detokenizer"}},
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
-                               "every_n_train_steps": 2, "save_top_k": -1, "enable_version_counter": False}},
-                {"class_path": "callbacks.video_samples.VideoSampleLogger",
-                 "init_args": {"num_videos": 2, "write_files": False}},
-            ],
-        },
-        "model": {
-            "class_path": "stages.keyframe_detokenizer.KeyframeDetokenizerStage",
-            "init_args": {"init_from": None if init_from is None else str(init_from), "unet": UNET,
-                          "diffusion": DIFFUSION, "image_size": UNET_IMAGE, "val_samples": 4,
-                          "latent_space": {"class_path": "videolavit.models.latent_space.PixelSpace"},
-                          "optimizer": {"lr": 1e-3, "warmup_steps": 1}, "export_dir": str(root / "export")},
-        },
-        "data": {
-            "class_path": "datamodules.video_datamodule.VideoDataModule",
-            "init_args": {"train_shards": str(shards), "val_shards": str(shards),
-                          "view": {"class_path": "datamodules.views.KeyframeView",
-                                   "init_args": {"image_size": VIEW_IMAGE}},
-                          "batch_size": 4, "val_batch_size": 8, "samples_per_epoch": 16, "shuffle_buffer": 8,
-                          "num_workers": 0},
-        },
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_stage_config("keyframe_detokenizer", root, shards,
+                              {"model": {"init_args": {"init_from": None if init_from is None else str(init_from)}}})
 
 
 @pytest.fixture(scope="module")
@@ -246,9 +209,9 @@ def test_psnr_of_identical_and_opposite_images():
 def test_experiment_configs_fit_the_keyframe_tokenizer_configs(config):
     """The U-Net's condition widths are the feature decoder's, sizes divide, the batch divides over devices
     (tests/test_experiment_configs.py parses every config through the CLI)."""
-    full = yaml.safe_load((REPO / "experiments" / config).read_text())
+    full = read_config(REPO / "experiments" / config)
     tokenizer_config = config.replace("keyframe_detokenizer", "keyframe_tokenizer")
-    tokenizer = yaml.safe_load((REPO / "experiments" / tokenizer_config).read_text())["model"]["init_args"]
+    tokenizer = read_config(REPO / "experiments" / tokenizer_config)["model"]["init_args"]
     args = full["model"]["init_args"]
     space = args["latent_space"]
     downsample = 1 if space["class_path"].endswith("PixelSpace") else 8  # SDXL's VAE

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.ddp_fit import fit_two_processes, rank_state_callback
+from tests.stage_configs import stage_conf, write_stage_config
 from tests.tensorboard_scalars import scalars
 from safetensors.torch import load_file, save_file
 
@@ -27,6 +27,7 @@ from stages.keyframe_tokenizer import (
     images_from_batch,
 )
 from videolavit.cli import run_lightning_cli
+from videolavit.config_files import read_config
 from videolavit.models.eva_vit import EvaViT, EvaViTConfig
 from videolavit.models.export import ExportError, load_export
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
@@ -41,11 +42,9 @@ from videolavit.models.keyframe_tokenizer_loss import feature_reconstruction_los
 REPO = Path(__file__).resolve().parents[1]
 IMAGE, PATCH = 28, 7  # 4 x 4 = 16 patches
 NUM_PATCHES = (IMAGE // PATCH) ** 2
-VIT = dict(image_size=IMAGE, patch_size=PATCH, width=32, depth=2, num_heads=2, mlp_dim=64, embed_dim=16)
-TOKENIZER = dict(vit=VIT, merger_depth=1, merger_heads=2, merger_mlp_dim=64, num_codes=64, code_dim=8, llm_dim=24,
-                 ema_decay=0.9, dead_code_interval=2)
-DECODER = dict(code_dim=8, width=32, depth=1, num_heads=2, mlp_dim=64, num_queries=NUM_PATCHES,
-               max_codes=NUM_PATCHES, feature_dim=32, unet_context_dims=[12, 20], unet_pooled_dim=20)
+TOKENIZER = stage_conf("keyframe_tokenizer")["model"]["init_args"]["tokenizer"]  # tests/conf/keyframe_tokenizer.yaml
+VIT = TOKENIZER["vit"]
+DECODER = stage_conf("keyframe_tokenizer")["model"]["init_args"]["decoder"]
 VAL_IMAGES = 16  # 8 videos x 2 clip keyframes
 TRAIN_SCALARS = {"train/loss", "train/reconstruction_loss", "train/keep_ratio_loss", "train/commitment_loss",
                  "train/keep_ratio", "train/tokens_per_image", "train/codebook_usage", "train/perplexity"}
@@ -74,39 +73,8 @@ def backbone_file(tmp_path_factory) -> Path:
 
 
 def write_config(root: Path, shards: Path, backbone: Path, callbacks: list[dict] | None = None) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 6,
-            "val_check_interval": 3, "check_val_every_n_epoch": None, "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
-            "gradient_clip_val": 1.0,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(root / "logs"), "name": "keyframe_tokenizer"}},
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
-                               "every_n_train_steps": 3, "save_top_k": -1, "enable_version_counter": False}},
-                *(callbacks or []),
-            ],
-        },
-        "model": {
-            "class_path": "stages.keyframe_tokenizer.KeyframeTokenizerStage",
-            "init_args": {"tokenizer": TOKENIZER, "decoder": DECODER, "backbone_weights": str(backbone),
-                          "optimizer": {"lr": 2e-3, "warmup_steps": 2}, "export_dir": str(root / "export")},
-        },
-        "data": {
-            "class_path": "datamodules.video_datamodule.VideoDataModule",
-            "init_args": {"train_shards": str(shards), "val_shards": str(shards),
-                          "view": {"class_path": "datamodules.views.KeyframeView",
-                                   "init_args": {"image_size": IMAGE}},
-                          "batch_size": 4, "samples_per_epoch": 24, "shuffle_buffer": 8, "num_workers": 0},
-        },
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_stage_config("keyframe_tokenizer", root, shards,
+                              {"model": {"init_args": {"backbone_weights": str(backbone)}}}, callbacks=callbacks)
 
 
 def val_images(shards: Path) -> list[dict]:
@@ -326,7 +294,7 @@ def test_mismatched_decoder_is_rejected():
 @pytest.mark.parametrize("config", ["stage1_keyframe_tokenizer.yaml", "tiny/keyframe_tokenizer.yaml"])
 def test_experiment_configs_fit_together(config):
     """Sub-model sizes fit each other and the data view (tests/test_experiment_configs.py parses every config)."""
-    full = yaml.safe_load((REPO / "experiments" / config).read_text())
+    full = read_config(REPO / "experiments" / config)
     args = full["model"]["init_args"]
     tokenizer = KeyframeTokenizerConfig(**args["tokenizer"])
     check_configs(tokenizer, KeyframeFeatureDecoderConfig(**args["decoder"]))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.ddp_fit import fit_two_processes, rank_state_callback
+from tests.stage_configs import stage_conf, write_stage_config
 from tests.tensorboard_scalars import scalars
 
 from callbacks.token_dump import TokenDumpError, read_token_dump, read_token_manifest
@@ -27,9 +27,7 @@ from videolavit.models.motion_tokenizer import MotionTokenizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = (8, 8)  # the 96x96 test corpus has a 6x6 macroblock grid; the view resizes it
-TOKENIZER = dict(num_frames=24, height=GRID[0], width=GRID[1], dim=32, num_heads=2, mlp_ratio=2.0,
-                 blocks_per_stage=[1, 1, 1, 1], stage_factors=[[1, 2, 2], [2, 1, 1], [3, 1, 1], [1, 1, 1]],
-                 downsample="conv", num_codes=64, code_dim=8, ema_decay=0.9, dead_code_interval=2)
+TOKENIZER = stage_conf("motion_tokenizer")["model"]["init_args"]["tokenizer"]  # tests/conf/motion_tokenizer.yaml
 NUM_TOKENS = MotionTokenizerConfig(**TOKENIZER).num_tokens  # 4x4x4
 VAL_CLIPS = 16  # 8 videos x 2 clips
 VAL_SCALARS = {"val/recon_mse", "val/zero_mse", "val/recon_ratio", "val/codebook_usage", "val/perplexity"}
@@ -39,43 +37,8 @@ VAL_SCALARS = {"val/recon_mse", "val/zero_mse", "val/recon_ratio", "val/codebook
 
 def write_config(root: Path, shards: Path, batch_size: int = 4, callbacks: list[dict] | None = None) -> Path:
     """A complete tiny stage config under ``root`` (checkpoints, logs, export all inside it)."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 6,
-            "val_check_interval": 3, "check_val_every_n_epoch": None, "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
-            "gradient_clip_val": 1.0,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(root / "logs"), "name": "motion_tokenizer"}},
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
-                               "every_n_train_steps": 3, "save_top_k": -1, "enable_version_counter": False}},
-                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
-                 "init_args": {"logging_interval": "step"}},
-                *(callbacks or []),
-            ],
-        },
-        "model": {
-            "class_path": "stages.motion_tokenizer.MotionTokenizerStage",
-            "init_args": {"tokenizer": TOKENIZER,
-                          "optimizer": {"lr": 1e-3, "warmup_steps": 2},
-                          "export_dir": str(root / "export")},
-        },
-        "data": {
-            "class_path": "datamodules.video_datamodule.VideoDataModule",
-            "init_args": {"train_shards": str(shards), "val_shards": str(shards),
-                          "view": {"class_path": "datamodules.views.MotionView",
-                                   "init_args": {"grid": list(GRID)}},
-                          "batch_size": batch_size, "samples_per_epoch": 24, "shuffle_buffer": 8,
-                          "num_workers": 0},
-        },
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_stage_config("motion_tokenizer", root, shards, {"data": {"init_args": {"batch_size": batch_size}}},
+                              callbacks=callbacks)
 
 
 def val_clips(shards: Path) -> list[dict]:

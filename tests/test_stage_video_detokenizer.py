@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from tests.stage_configs import stage_conf, write_stage_config
 from tests.tensorboard_scalars import scalars
 
 from datamodules.video_datamodule import VideoDataModule
@@ -33,14 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 GRID, FRAME = (8, 8), (16, 16)
 TOKENIZER = dict(num_frames=24, height=8, width=8, dim=16, num_heads=2, mlp_ratio=2.0, blocks_per_stage=[1, 1, 1, 1],
                  stage_factors=[[1, 2, 2], [2, 1, 1], [3, 1, 1], [1, 1, 1]], num_codes=32, code_dim=8)
-DETOKENIZER = {
-    "unet": {"latent_channels": 3, "down_block_types": ["DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"],
-             "up_block_types": ["CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"],
-             "block_out_channels": [32, 32], "layers_per_block": 1, "num_attention_heads": [1, 1],
-             "cross_attention_dim": 16, "addition_time_embed_dim": 8, "motion_grid": list(GRID)},
-    "motion_encoder": {"height": 8, "width": 8, "dim": 16, "depth": 1, "num_heads": 2, "out_dim": 16},
-    "motion_gain": 1.0, "scaling": "edm", "sigma_max": 80.0,
-}
+DETOKENIZER = stage_conf("video_detokenizer")["model"]["init_args"]["detokenizer"]  # tests/conf/video_detokenizer.yaml
 VAL_SCALARS = {"val/loss", "val/loss_other_motion", "val/direction_agreement", "val/direction_agreement_input"}
 
 
@@ -57,41 +51,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def write_config(root: Path, shards: Path, tokenizer: Path | None) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 2,
-            "val_check_interval": 2, "check_val_every_n_epoch": None, "limit_val_batches": 1,
-            "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_progress_bar": False,
-            "enable_model_summary": False, "gradient_clip_val": 1.0,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(root / "logs"), "name": "video_detokenizer"}},
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
-                                         "every_n_train_steps": 1, "save_top_k": -1,
-                                         "enable_version_counter": False}}],
-        },
-        "model": {
-            "class_path": "stages.video_detokenizer.VideoDetokenizerStage",
-            "init_args": {"detokenizer": DETOKENIZER,
-                          "latent_space": {"class_path": "videolavit.models.latent_space.PixelSpace"},
-                          "sample_steps": 2, "direction_clips": 2,
-                          "optimizer": {"lr": 1e-3, "warmup_steps": 1},
-                          "init_from": str(tokenizer) if tokenizer else None,
-                          "export_dir": str(root / "export")},
-        },
-        "data": {
-            "class_path": "datamodules.video_datamodule.VideoDataModule",
-            "init_args": {"train_shards": str(shards), "val_shards": str(shards),
-                          "view": {"class_path": "datamodules.views.VideoView",
-                                   "init_args": {"frame_size": list(FRAME), "grid": list(GRID), "scale": 10.0}},
-                          "batch_size": 2, "samples_per_epoch": 8, "shuffle_buffer": 4, "num_workers": 0},
-        },
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_stage_config("video_detokenizer", root, shards,
+                              {"model": {"init_args": {"init_from": str(tokenizer) if tokenizer else None}}})
 
 
 def new_stage(**overrides) -> VideoDetokenizerStage:
