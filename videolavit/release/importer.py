@@ -37,6 +37,8 @@ LLM_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.safet
 LLM_EXPORTS = {"language_model": "pretrain", "language_model_sft": "instruct"}
 ALLOWED_TOP = {"motion_tokenizer.bin", "visual_tokenizer", "video_detokenizer", "image_detokenizer",
                *L.LLM_DIRECTORIES}
+# the release's understanding model (VideoLaVITLlamaForCausalLM) holds its keyframe and motion tokenizers
+VISION_PREFIXES = ("model.visual_tokenizer.", "model.motion_tokenizer.")
 VIDEO_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction",
                    "use_karras_sigmas": True}
 
@@ -268,25 +270,42 @@ def import_video_detokenizer(release: Path, out: Path, sizes: dict, encoder_size
         num_frames=int(spec_sizes["num_frames"]), motion_grid=(20, 36), motion_scale=10.0))
 
 
-def _llm_weights(src: Path, dest: Path) -> None:
-    """HF Llama weights (``.bin``, sharded or not, or safetensors) -> ``model.safetensors`` in ``dest``."""
+def _llm_weights(src: Path, dest: Path) -> dict[str, torch.Tensor]:
+    """HF Llama weights (``.bin``, sharded or not, or safetensors) -> ``model.safetensors`` in ``dest``.
+
+    The release's understanding checkpoint is a ``VideoLaVITLlamaForCausalLM``: its ``model.visual_tokenizer.*``
+    and ``model.motion_tokenizer.*`` tensors are not the LLM's; they are returned (keys as in the file) and kept
+    out of ``model.safetensors``."""
     names = [n for n in LLM_WEIGHTS if (src / n).is_file()]
     if not names:
         raise ReleaseImportError(f"LLM directory {src} holds no weights (one of {list(LLM_WEIGHTS)})")
     name = names[0]
-    if name.endswith(".safetensors") or name == "model.safetensors.index.json":
-        for path in [src / name, *(src / f for f in set(_json(src / name, "an index")["weight_map"].values())
-                                   if name.endswith(".json"))]:
-            shutil.copy(path, dest / path.name)
-        return
     if name.endswith(".index.json"):
         shards = sorted(set(_json(src / name, "the LLM weight index")["weight_map"].values()))
     else:
         shards = [name]
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state.update(_bin(src / shard, "an LLM weight shard"))
+    if name.endswith("safetensors") or name == "model.safetensors.index.json":
+        from safetensors import safe_open
+
+        towers = {}
+        for shard in shards:
+            with safe_open(str(_require(src / shard, "an LLM weight shard")), "pt") as handle:
+                towers.update({k: handle.get_tensor(k) for k in handle.keys() if k.startswith(VISION_PREFIXES)})
+        if not towers:
+            for path in [src / name, *(src / f for f in shards if name.endswith(".json"))]:
+                shutil.copy(path, dest / path.name)
+            return {}
+        state = {}
+        for shard in shards:
+            with safe_open(str(src / shard), "pt") as handle:
+                state.update({k: handle.get_tensor(k) for k in handle.keys()})
+    else:
+        state = {}
+        for shard in shards:
+            state.update(_bin(src / shard, "an LLM weight shard"))
+    towers = {k: state.pop(k) for k in [k for k in state if k.startswith(VISION_PREFIXES)]}
     save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "model.safetensors"))
+    return towers
 
 
 def _fast_tokenizer(src: Path, dest: Path):
@@ -308,8 +327,15 @@ def _fast_tokenizer(src: Path, dest: Path):
     return tokenizer
 
 
-def import_llm(src: Path, dest: Path, vocabulary: Vocabulary, keyframe_keys: set[str] | None) -> None:
+def import_llm(src: Path, dest: Path, vocabulary: Vocabulary, keyframe_keys: set[str] | None,
+               understanding: "UnderstandingParts | None" = None) -> None:
+    """One LLM directory. ``understanding`` (for ``language_model_sft/``): the export reads keyframes as
+    continuous features (``videolavit.llm.keyframe_features``) and gets its own keyframe and motion tokenizer
+    exports - the SFT checkpoint's ``model.visual_tokenizer.*`` / ``model.motion_tokenizer.*`` when it holds them
+    (the release's understanding model loads those), else the release's tokenizers with ``visual_weight.bin``
+    over the keyframe tokenizer's (LaVIT's ``build_dynamic_tokenizer(for_understanding=True)``)."""
     from videolavit.inference.video_chat import VOCABULARY_FILE
+    from videolavit.llm.keyframe_features import write_llm_spec
 
     config = _json(src / "config.json", "an LLM config")
     if int(config.get("vocab_size", -1)) != vocabulary.size:
@@ -319,7 +345,7 @@ def import_llm(src: Path, dest: Path, vocabulary: Vocabulary, keyframe_keys: set
     for name in ("config.json", "generation_config.json"):
         if (src / name).is_file():
             shutil.copy(src / name, dest / name)
-    _llm_weights(src, dest)
+    towers = _llm_weights(src, dest)
     tokenizer = _fast_tokenizer(src, dest)
     if len(tokenizer) != vocabulary.text_size:
         raise ReleaseImportError(f"{src}: the tokenizer has {len(tokenizer)} ids, the release's text ids are "
@@ -328,15 +354,78 @@ def import_llm(src: Path, dest: Path, vocabulary: Vocabulary, keyframe_keys: set
               "motion_codes": vocabulary.motion_codes, "size": vocabulary.size}
     (dest / VOCABULARY_FILE).write_text(json.dumps(layout, indent=2))
     visual = src / L.VISUAL_WEIGHT
+    visual_state = None
     if visual.is_file():  # the keyframe tokenizer's parts trained with this LLM (continuous keyframes)
-        state = _bin(visual, "the LLM's visual weights")
+        visual_state = _bin(visual, "the LLM's visual weights")
         if keyframe_keys is not None:
-            unknown = sorted(set(state) - keyframe_keys)
+            unknown = sorted(set(visual_state) - keyframe_keys)
             if unknown:
                 raise ReleaseImportError(f"{visual}: keys that are not the keyframe tokenizer's: {unknown[:6]}")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "visual_weight.safetensors"))
+        save_file({k: v.contiguous() for k, v in visual_state.items()}, str(dest / "visual_weight.safetensors"))
+    sources = {}
+    if understanding is not None:
+        sources = understanding.write(src, dest, towers, visual_state)
+    elif towers:
+        raise ReleaseImportError(f"{src}: a generation LLM with {sorted(towers)[:3]}...: only language_model_sft/ "
+                                 "holds the understanding model's tokenizers")
+    write_llm_spec(dest, "continuous" if understanding is not None else "codes", **sources)
     (dest / L.BEHAVIOUR_FILE).write_text(json.dumps({"llm_generation": "release", "source": str(src.resolve()),
-                                                     "visual_weight": visual.is_file()}, indent=2))
+                                                     "visual_weight": visual.is_file(),
+                                                     "keyframe_input": "continuous" if understanding else "codes"},
+                                                    indent=2))
+
+
+@dataclass
+class UnderstandingParts:
+    """What an understanding (SFT) export needs besides the LLM: the imported tokenizers to start from."""
+
+    out: Path  # the exports directory holding the imported motion_tokenizer.* and keyframe_tokenizer.*
+    motion_sizes: dict
+    keyframe_sizes: dict
+
+    def write(self, src: Path, dest: Path, towers: dict, visual_state: dict | None) -> dict:
+        from videolavit.models.export import save_export
+        from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
+        from videolavit.models.keyframe_tokenizer_export import (init_backbone, load_keyframe_tokenizer,
+                                                                 save_keyframe_tokenizer)
+        from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
+
+        ema = ("quantize.cluster_size", "quantize.num_updates")
+        sources = {}
+        visual = {k[len("model.visual_tokenizer."):]: v for k, v in towers.items()
+                  if k.startswith("model.visual_tokenizer.")}
+        if visual:  # the release's understanding model: its own, complete keyframe tokenizer
+            model = KeyframeTokenizer(KeyframeTokenizerConfig(**self.keyframe_sizes))
+            _strict(model, visual, f"{src} (model.visual_tokenizer.*)", may_lack=ema)
+            backbone_file = dest / "keyframe_tokenizer_backbone.safetensors"
+            save_file({k[len("encoder."):]: v.contiguous() for k, v in visual.items() if k.startswith("encoder.")},
+                      str(backbone_file))
+            backbone = init_backbone(model, backbone_file.resolve())
+            sources["keyframe_encoder"] = "model.visual_tokenizer"
+        else:
+            model = load_keyframe_tokenizer(self.out)
+            backbone = init_backbone(model, (self.out / "keyframe_tokenizer_backbone.safetensors").resolve())
+            sources["keyframe_encoder"] = "visual_tokenizer/tokenizer_encoder.bin"
+            if visual_state is not None:
+                ours = model.state_dict()
+                mis_shaped = sorted(k for k in visual_state if visual_state[k].shape != ours[k].shape)
+                if mis_shaped:
+                    raise ReleaseImportError(f"{src / L.VISUAL_WEIGHT}: mis-shaped {mis_shaped[:6]}")
+                model.load_state_dict({**ours, **visual_state})
+                sources["keyframe_encoder"] += f" + {L.VISUAL_WEIGHT}"
+        save_keyframe_tokenizer(model, dest, backbone)
+        motion = {k[len("model.motion_tokenizer."):]: v for k, v in towers.items()
+                  if k.startswith("model.motion_tokenizer.")}
+        if motion:
+            tokenizer = MotionTokenizer(MotionTokenizerConfig.preset("release", **self.motion_sizes))
+            _strict(tokenizer, motion, f"{src} (model.motion_tokenizer.*)", may_lack=ema)
+            save_export(tokenizer, dest, "motion_tokenizer", tokenizer.config)
+            sources["motion_tokenizer"] = "model.motion_tokenizer"
+        else:
+            for suffix in (".json", ".safetensors"):
+                shutil.copy(self.out / f"motion_tokenizer{suffix}", dest / f"motion_tokenizer{suffix}")
+            sources["motion_tokenizer"] = L.MOTION_TOKENIZER
+        return sources
 
 
 def import_release(release: str | Path, out: str | Path, sizes: dict | None = None) -> ImportReport:
@@ -375,8 +464,10 @@ def import_release(release: str | Path, out: str | Path, sizes: dict | None = No
         if name not in found:
             report.skipped.append(name)
             continue
+        understanding = UnderstandingParts(out, sizes.get("motion_tokenizer", {}), sizes.get("keyframe_tokenizer", {})) \
+            if name == "language_model_sft" else None
         import_llm(release / name, out / LLM_EXPORTS[name], _llm_vocabulary(release / name, vocabulary),
-                   keyframe_keys)
+                   keyframe_keys, understanding)
         report.written.append(LLM_EXPORTS[name])
     (out / L.BEHAVIOUR_FILE).write_text(json.dumps({"release": str(release.resolve()), "written": report.written,
                                                     "skipped": report.skipped}, indent=2))
