@@ -257,3 +257,18 @@ def gi_model(sampler: str, scheduler: dict):
     config = KeyframeDetokenizerConfig(unet=unet, decoder=decoder, diffusion=diffusion, num_codes=64, code_dim=8,
                                        image_size=GI_IMAGE, latent_downsample=8)
     return fill_(KeyframeDetokenizer(config), seed=31).eval()
+
+
+# ---- understanding (the SFT model's continuous keyframes) ------------------------------------------
+
+UNDERSTANDING_QUESTION = "what moves left?"
+UNDERSTANDING_SEED = 5  # seeds the keyframe selector's Gumbel draws (the release samples them)
+UNDERSTANDING_MAX_NEW_TOKENS = 24
+
+
+def understanding_inputs(clips: int = 2, seed: int = 13) -> dict[str, torch.Tensor]:
+    """Two clips: keyframes in [0, 1] [2, 3, 28, 28] (the tiny ViT's input) and motion fields at the tokenizer's
+    grid and scale [2, 2, 24, 20, 36]."""
+    g = torch.Generator().manual_seed(seed)
+    return {"keyframes": torch.rand(clips, 3, 28, 28, generator=g),
+            "motions": 10.0 * torch.randn(clips, 2, 24, *GV_MOTION_GRID, generator=g)}
