@@ -16,6 +16,7 @@ directories); loading is strict, and every missing, unexpected or mis-shaped fil
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -308,13 +309,25 @@ def _llm_weights(src: Path, dest: Path) -> dict[str, torch.Tensor]:
     return towers
 
 
+class SentencepieceMissingError(ReleaseImportError):
+    """The release's slow ``tokenizer.model`` needs the sentencepiece package to become a fast tokenizer."""
+
+
+def sentencepiece_available() -> bool:
+    return importlib.util.find_spec("sentencepiece") is not None
+
+
 def _fast_tokenizer(src: Path, dest: Path):
     """The release ships a slow sentencepiece tokenizer: use its ``tokenizer.json`` where present, else
-    convert ``tokenizer.model`` with transformers (needs the sentencepiece package)."""
+    convert ``tokenizer.model`` with transformers (needs the sentencepiece package: ``videolavit[release]``)."""
     from transformers import AutoTokenizer
 
     if not (src / "tokenizer.json").is_file() and not (src / "tokenizer.model").is_file():
         raise ReleaseImportError(f"LLM directory {src} has no tokenizer (tokenizer.model or tokenizer.json)")
+    if not (src / "tokenizer.json").is_file() and not sentencepiece_available():
+        raise SentencepieceMissingError(f"{src / 'tokenizer.model'} is a slow sentencepiece tokenizer; converting it "
+                                        "needs the sentencepiece package: pip install 'videolavit[release]' (or "
+                                        "pip install sentencepiece)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - conversion fails in several libraries' error types
