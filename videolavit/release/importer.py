@@ -2,10 +2,13 @@
 
 What it writes into ``out`` (what ``TextToVideo.from_directory``, ``chat`` and the stages' ``init_from`` read):
 ``motion_tokenizer.{json,safetensors}``, ``keyframe_tokenizer.{json,safetensors}`` (+ its ViT in
-``keyframe_tokenizer_backbone.safetensors``), ``keyframe_detokenizer/`` and ``video_detokenizer/`` (diffusers-style
+``keyframe_tokenizer_backbone.safetensors``), ``keyframe_feature_decoder.{json,safetensors}`` (the release's
+``highres_tokenizer_decoder.bin``: the keyframe tokenizer stage's decoder and g_I's condition decoder), ``keyframe_detokenizer/`` and ``video_detokenizer/`` (diffusers-style
 directories: ``unet/``, ``scheduler/``, ``vae/``, and the rest in ``{name}.{json,safetensors}``), and ``pretrain/`` (``language_model/``) and ``instruct/``
-(``language_model_sft/``) LLM directories with safetensors weights, a fast tokenizer and
-``videolavit_vocabulary.json``. Every export records the release behaviour (``release_behaviour.json``,
+(``language_model_sft/``) LLM directories with safetensors weights, a fast tokenizer,
+``videolavit_vocabulary.json`` and ``videolavit_llm.json`` (``keyframe_input``: ``codes`` for the generation LLM,
+``continuous`` for the SFT model, whose directory also gets its own ``keyframe_tokenizer.*`` and
+``motion_tokenizer.*``: see ``UnderstandingParts``). Every export records the release behaviour (``release_behaviour.json``,
 g_V's ``release_behaviour`` config, g_I's DDIM / ancestral sampler from the release's scheduler).
 
 Every weight file is read with ``torch.load(weights_only=True)`` (``checkpoint.load_bin_state_dict``) and
@@ -32,6 +35,7 @@ from videolavit.release.checkpoint import ReleaseCheckpointError, load_bin_state
 SIZE_SECTIONS = ("motion_tokenizer", "keyframe_tokenizer", "keyframe_feature_decoder", "keyframe_detokenizer",
                  "motion_encoder", "video_detokenizer")
 FEATURE_DECODER = "visual_tokenizer/highres_tokenizer_decoder.bin"
+FEATURE_DECODER_EXPORT = "keyframe_feature_decoder"  # stages.keyframe_tokenizer's DECODER_EXPORT_NAME
 IMAGE_UNET = "unet/diffusion_pytorch_model.bin"
 VAE_WEIGHTS = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors")
 LLM_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors", "model.safetensors.index.json")
@@ -209,6 +213,10 @@ def import_keyframe_detokenizer(release: Path, out: Path, codebook: torch.Tensor
     decoder_path = release / FEATURE_DECODER
     decoder_state = _bin(decoder_path, "the keyframe feature decoder")
     _strict(model.feature_decoder, decoder_state, str(decoder_path))
+    # also the keyframe tokenizer stage's feature decoder export, so both stage-1 keyframe stages start from here
+    from videolavit.models.export import save_export
+
+    save_export(model.feature_decoder, out, FEATURE_DECODER_EXPORT, model.feature_decoder.config)
     model.load_tokenizer_parts(codebook, model.feature_decoder.state_dict())
     unet_path = root / IMAGE_UNET
     _strict(model.unet.net, _bin(unet_path, "the keyframe U-Net weights"), str(unet_path))
