@@ -63,7 +63,7 @@ def write_config(root: Path, shards: Path, corpus: Path, exports: Path, steps: i
         "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": steps,
                     "val_check_interval": steps, "check_val_every_n_epoch": None, "log_every_n_steps": 1,
                     "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
-                    "limit_val_batches": 1, "logger": False,
+                    "limit_val_batches": 1, "logger": False, "default_root_dir": str(root),
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
                                                  "every_n_train_steps": steps}}]},
