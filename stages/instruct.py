@@ -18,6 +18,16 @@ export and fed by ``datamodules.instruct_views.InstructionSequenceView``:
   and, when the annotations name attributes, ``val/qa_accuracy_<attribute>``. Every rank decodes the same
   prompts with ``generate(synced_gpus=True)`` when several ranks run - under FSDP2 a rank that stopped
   early would leave the others waiting in an all-gather - and rank 0's logger records it. 0 disables it.
+* **Keyframes** (``keyframe_input``, default: what ``llm_path``'s export records, ``videolavit_llm.json``):
+  ``"codes"`` (our stage-2 exports) reads rows of ids; ``"continuous"`` (an imported release SFT model,
+  ``videolavit.llm.keyframe_features``) reads ``datamodules.continuous_instruct_views.ContinuousInstructionView``
+  batches: the keyframe encoder of ``llm_path`` (its ``keyframe_tokenizer.*``) computes each keyframe's features,
+  which are spliced between ``[IMG]`` and ``[/IMG]`` (no loss on them) and the row truncated to
+  ``max_sequence_length``. Trained: the LLM, the encoder's token merger and ``vit_proj`` (what the release trains
+  with its LLM); frozen and never checkpointed: the ViT, the selector and the codebook heads (the release runs
+  them without gradients). Under several ranks the encoder is replicated and its gradients averaged. The export
+  holds the trained encoder (``keyframe_tokenizer.*``, its ViT referenced where ``llm_path``'s is), the motion
+  tokenizer of ``llm_path`` and ``keyframe_input: continuous``, so ``chat`` and a later run read it again.
 * **Optimiser.** LLaVA-v1.5 (``default_optimizer``): AdamW lr 2e-5 for every parameter (the new vocabulary
   rows included: no ``extra_lr``), betas (0.9, 0.999), eps 1e-8, weight decay 0, cosine to 0 with
   ``warmup_ratio`` (3%) of the steps as linear warm-up.
@@ -28,12 +38,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from stages.base import OptimizerConfig, StageModule
 from stages.pretrain import PretrainStage
 from videolavit.inference.video_chat import QAScore, generate_text, read_llm_vocabulary
+from videolavit.llm.keyframe_features import (check_keyframe_input, continuous_keyframe_features,
+                                              read_keyframe_input, splice_keyframe_features, write_llm_spec)
+from videolavit.llm.sequences import IGNORE_INDEX
 from videolavit.llm.vocabulary import Vocabulary
+
+from videolavit.models.export_names import KEYFRAME_TOKENIZER
+
+TRAINED_KEYFRAME_PARTS = ("causal_encoder", "vit_proj")  # of the continuous path's keyframe encoder
+KEYFRAME_EXPORT = KEYFRAME_TOKENIZER  # the continuous path's keyframe encoder, inside the LLM export
 
 
 def default_optimizer() -> OptimizerConfig:
@@ -55,6 +74,9 @@ class InstructStage(PretrainStage):
         attn_implementation, activation_checkpointing, fsdp_param_dtype, fsdp_reshard_after_forward, load_dtype,
         export_dtype, optimizer, export_dir, max_nonfinite_steps, chat_template: as ``PretrainStage`` (set
             ``chat_template`` to the data's ``template``).
+        keyframe_input: ``"codes"`` | ``"continuous"`` (module docstring); None: what ``llm_path`` records.
+        max_sequence_length: rows on the continuous path are cut to this many positions after the keyframe
+            features are spliced in (the release's ``tokenizer_model_max_length``).
     """
 
     def __init__(self, init_from: str | None = None, llm_path: str | None = None, tokenizer_path: str | None = None,
@@ -63,7 +85,8 @@ class InstructStage(PretrainStage):
                  activation_checkpointing: bool = False, fsdp_param_dtype: str | None = None,
                  fsdp_reshard_after_forward: bool = True, load_dtype: str = "float32",
                  export_dtype: str | None = None, optimizer: OptimizerConfig | None = None,
-                 export_dir: str | None = None, max_nonfinite_steps: int = 20, chat_template: str = "v1"):
+                 export_dir: str | None = None, max_nonfinite_steps: int = 20, chat_template: str = "v1",
+                 keyframe_input: str | None = None, max_sequence_length: int = 2048):
         llm_path = llm_path or init_from
         if llm_path is None:
             raise ValueError("InstructStage needs init_from (the stage-2 export directory); to resume with "
@@ -90,6 +113,89 @@ class InstructStage(PretrainStage):
         self.qa_batch_size = max(1, int(qa_batch_size))
         self._val_questions: list[dict] = []
         self.last_qa: dict = {}  # summary and answers of the latest QA evaluation (for scripts and tests)
+        self.keyframe_input = check_keyframe_input(keyframe_input or read_keyframe_input(llm_path))
+        self.max_sequence_length = int(max_sequence_length)
+        self.keyframe_encoder = self._keyframe_encoder(llm_path) if self.keyframe_input == "continuous" else None
+
+    # ---- the continuous keyframe path ------------------------------------------------------------
+    def _keyframe_encoder(self, directory: str):
+        from videolavit.models.keyframe_tokenizer_export import load_keyframe_tokenizer
+
+        if not (Path(directory) / f"{KEYFRAME_EXPORT}.json").is_file():
+            raise FileNotFoundError(f"keyframe_input 'continuous' needs the keyframe encoder {KEYFRAME_EXPORT}.* in "
+                                    f"{directory} (import-release writes it into the SFT export)")
+        encoder = load_keyframe_tokenizer(directory).requires_grad_(False)
+        width = self.llm.config.hidden_size
+        if encoder.config.llm_dim != width:
+            raise ValueError(f"the keyframe encoder in {directory} projects to {encoder.config.llm_dim}, the LLM's "
+                             f"width is {width}")
+        for part in TRAINED_KEYFRAME_PARTS:
+            getattr(encoder, part).requires_grad_(True)
+        return encoder.train()
+
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        if self.keyframe_encoder is None:
+            return super().frozen_prefixes()
+        trained = tuple(f"keyframe_encoder.{p}." for p in TRAINED_KEYFRAME_PARTS)
+        return (*super().frozen_prefixes(), *sorted({f"keyframe_encoder.{n.split('.')[0]}."
+                                                     for n in self.keyframe_encoder.state_dict()} - set(trained)))
+
+    def keyframe_features(self, images: torch.Tensor, counts: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per row the features of its keyframes (``counts[row]`` of the batch's ``images``, in order)."""
+        features = continuous_keyframe_features(self.keyframe_encoder, images)
+        out, start = [], 0
+        for n in counts.tolist():
+            out.append(features[start:start + n])
+            start += n
+        return out
+
+    def continuous_inputs(self, batch: dict) -> dict:
+        """``splice_keyframe_features`` of a ``ContinuousInstructionView`` batch (right padding, cut to
+        ``max_sequence_length``)."""
+        features = self.keyframe_features(batch["keyframe_images"], batch["keyframe_counts"])
+        rows, labels = [], []
+        for ids, targets, n in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
+                                   batch["row_lengths"].tolist()):
+            rows.append(ids[:n])
+            labels.append(targets[:n])
+        return splice_keyframe_features(self.llm.get_input_embeddings(), rows, features, labels,
+                                        padding_side="right", max_length=self.max_sequence_length)
+
+    def token_losses(self, batch: dict):
+        if self.keyframe_encoder is None:
+            return super().token_losses(batch)
+        inputs = self.continuous_inputs(batch)
+        logits = self.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                          position_ids=inputs["position_ids"], use_cache=False).logits[:, :-1]
+        targets = inputs["labels"][:, 1:]
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="none").view_as(targets)
+        modality = self.vocabulary.modality_of(targets.clamp(min=0).cpu()).to(targets.device)
+        return ce, targets != IGNORE_INDEX, modality
+
+    def model_flops(self, batch: dict, training: bool = True) -> float:
+        if self.keyframe_encoder is None:
+            return super().model_flops(batch, training)
+        from videolavit.llm.flops import training_flops_per_token
+
+        rows, seq_len = batch["input_ids"].shape  # LLM only; keyframe features add rows the ids do not show
+        flops = training_flops_per_token(self.llm.config, seq_len) * rows * seq_len
+        return flops if training else flops / 3
+
+    def on_after_backward(self) -> None:
+        """The replicated keyframe encoder's gradients, averaged over the data-parallel ranks."""
+        if self.keyframe_encoder is None or not (torch.distributed.is_available()
+                                                 and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return
+        for part in TRAINED_KEYFRAME_PARTS:
+            for param in getattr(self.keyframe_encoder, part).parameters():
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                torch.distributed.all_reduce(param.grad)
+                param.grad.div_(world)
 
     # ---- start -----------------------------------------------------------------------------------
     def load_init_from(self, directory: str) -> None:
@@ -98,6 +204,13 @@ class InstructStage(PretrainStage):
             rank_zero_info(f"InstructStage: the LLM was loaded from {directory} at construction")
             return
         super().load_init_from(directory)
+        if self.keyframe_encoder is not None:
+            trained = self._keyframe_encoder(directory).state_dict()
+            own = self.keyframe_encoder.state_dict()
+            with torch.no_grad():
+                for name, value in trained.items():
+                    if name.split(".")[0] in TRAINED_KEYFRAME_PARTS:
+                        own[name].copy_(value)
 
     def configure_optimizers(self):
         cfg = self.optimizer_config
@@ -149,9 +262,15 @@ class InstructStage(PretrainStage):
         tok = self.tokenizer
         for start in range(0, len(questions), self.qa_batch_size):
             chunk = questions[start:start + self.qa_batch_size]
+            features = None
+            if self.keyframe_encoder is not None:
+                with torch.random.fork_rng(devices=[]):  # the selector's Gumbel draws: the same every validation
+                    torch.manual_seed(0)
+                    features = [continuous_keyframe_features(self.keyframe_encoder,
+                                                             q["keyframe_images"].to(self.device)) for q in chunk]
             outputs = generate_text(self.llm, [q["prompt_ids"] for q in chunk], vocabulary=self.vocabulary,
                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                    max_new_tokens=self.qa_max_new_tokens)
+                                    max_new_tokens=self.qa_max_new_tokens, keyframe_features=features)
             for q, ids in zip(chunk, outputs):
                 pred = tok.decode(ids, skip_special_tokens=True).strip()
                 hit = score.update(pred, q["answer"], q.get("attribute"))
@@ -159,6 +278,30 @@ class InstructStage(PretrainStage):
                                 "attribute": q.get("attribute"), "correct": hit})
         self.llm.train(was_training)
         return score, answers
+
+    # ---- export ----------------------------------------------------------------------------------
+    def export(self, directory, **kwargs) -> None:
+        super().export(directory, **kwargs)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if self.keyframe_encoder is None or rank != 0:
+            return
+        import shutil
+
+        from videolavit.models.keyframe_tokenizer_export import (BackboneSource, read_keyframe_tokenizer,
+                                                                 save_keyframe_tokenizer)
+
+        directory = Path(directory)
+        recorded = read_keyframe_tokenizer(self.llm_path, KEYFRAME_EXPORT)[2]
+        backbone = BackboneSource(weights=recorded.get("weights"), weights_prefix=recorded.get("weights_prefix", ""),
+                                  random_init_seed=recorded.get("random_init_seed"),
+                                  fingerprint=recorded["fingerprint"])
+        encoder = self.keyframe_encoder
+        save_keyframe_tokenizer(encoder, directory, backbone, name=KEYFRAME_EXPORT)
+        for suffix in (".json", ".safetensors"):
+            source = Path(self.llm_path) / f"motion_tokenizer{suffix}"
+            if source.is_file() and source.resolve() != (directory / source.name).resolve():
+                shutil.copy(source, directory / source.name)
+        write_llm_spec(directory, "continuous", keyframe_encoder=f"trained from {self.llm_path}")
 
     def _log_answers(self, answers: list[dict], count: int = 12) -> None:
         logger = self.logger if self._trainer is not None else None

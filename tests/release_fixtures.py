@@ -161,7 +161,8 @@ def fabricate_release(root: Path) -> dict:
     motion = MotionTokenizer(MotionTokenizerConfig.preset("release", **motion_sizes)).eval()
     _save_bin(_without(motion.state_dict(), ema), root / "motion_tokenizer.bin")
 
-    keyframe = KeyframeTokenizer(tiny_tokenizer_config()).eval()
+    keyframe_config = tiny_tokenizer_config(llm_dim=32)  # vit_proj into the LLMs' width (hidden_size 32)
+    keyframe = KeyframeTokenizer(keyframe_config).eval()
     _save_bin(_without(keyframe.state_dict(), ema), root / "visual_tokenizer" / "tokenizer_encoder.bin")
     decoder = KeyframeFeatureDecoder(tiny_decoder_config()).eval()
     _save_bin(decoder.state_dict(), root / "visual_tokenizer" / "highres_tokenizer_decoder.bin")
@@ -205,17 +206,27 @@ def fabricate_release(root: Path) -> dict:
         torch.manual_seed(10 + index)
         llm = LlamaForCausalLM(config).eval()
         config.save_pretrained(str(directory))
-        _save_bin(llm.state_dict(), directory / "pytorch_model.bin")
+        state = llm.state_dict()
+        if name == "language_model_sft":  # the release's understanding model holds its own tokenizers
+            torch.manual_seed(30)
+            understanding = KeyframeTokenizer(keyframe_config).eval()  # merger / vit_proj "trained with the LLM"
+            understanding.encoder.load_state_dict(keyframe.encoder.state_dict())
+            understanding.token_predictor.load_state_dict(keyframe.token_predictor.state_dict())
+            state.update({f"model.visual_tokenizer.{k}": v for k, v in _without(understanding.state_dict(),
+                                                                                 ema).items()})
+            state.update({f"model.motion_tokenizer.{k}": v for k, v in _without(motion.state_dict(), ema).items()})
+            made_understanding = understanding
+        _save_bin(state, directory / "pytorch_model.bin")
         _save_bin({k: v for k, v in keyframe.state_dict().items() if k.startswith("vit_proj.")},
                   directory / "visual_weight.bin")
         llms[name] = llm
-    sizes = {"motion_tokenizer": motion_sizes, "keyframe_tokenizer": dataclasses.asdict(tiny_tokenizer_config()),
+    sizes = {"motion_tokenizer": motion_sizes, "keyframe_tokenizer": dataclasses.asdict(keyframe_config),
              "keyframe_feature_decoder": dataclasses.asdict(tiny_decoder_config()),
              "keyframe_detokenizer": {"image_size": 32}, "motion_encoder": {"num_heads": GV_ENCODER["num_heads"],
                                                                             "num_frames": 24},
              "video_detokenizer": {"frame_size": [32, 32], "num_frames": 24}}
     return {"sizes": sizes, "motion": motion, "keyframe": keyframe, "decoder": decoder, "image_unet": image_unet,
-            "video": g_v, "llms": llms}
+            "video": g_v, "llms": llms, "understanding_keyframe": made_understanding}
 
 
 
@@ -246,3 +257,18 @@ def gi_model(sampler: str, scheduler: dict):
     config = KeyframeDetokenizerConfig(unet=unet, decoder=decoder, diffusion=diffusion, num_codes=64, code_dim=8,
                                        image_size=GI_IMAGE, latent_downsample=8)
     return fill_(KeyframeDetokenizer(config), seed=31).eval()
+
+
+# ---- understanding (the SFT model's continuous keyframes) ------------------------------------------
+
+UNDERSTANDING_QUESTION = "what moves left?"
+UNDERSTANDING_SEED = 5  # seeds the keyframe selector's Gumbel draws (the release samples them)
+UNDERSTANDING_MAX_NEW_TOKENS = 24
+
+
+def understanding_inputs(clips: int = 2, seed: int = 13) -> dict[str, torch.Tensor]:
+    """Two clips: keyframes in [0, 1] [2, 3, 28, 28] (the tiny ViT's input) and motion fields at the tokenizer's
+    grid and scale [2, 2, 24, 20, 36]."""
+    g = torch.Generator().manual_seed(seed)
+    return {"keyframes": torch.rand(clips, 3, 28, 28, generator=g),
+            "motions": 10.0 * torch.randn(clips, 2, 24, *GV_MOTION_GRID, generator=g)}

@@ -52,8 +52,9 @@ AnswerFunction = Callable[[Path, Sequence[str]], list[str]]  # (video file, ques
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="LLM export directory (pretrain or instruct export_dir)")
-    parser.add_argument("--tokenizers", required=True,
-                        help="directory with the stage-1 exports motion_tokenizer.* and keyframe_tokenizer.*")
+    parser.add_argument("--tokenizers", default=None,
+                        help="directory with the stage-1 exports motion_tokenizer.* and keyframe_tokenizer.* "
+                             "(default: --model, which holds them for an imported release SFT model)")
     one = parser.add_argument_group("one question")
     one.add_argument("--video", help="a video file")
     one.add_argument("--question", help="the question about it")
@@ -62,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--videos", help="directory of the videos named in the QA file")
     batch.add_argument("--out", help="predictions JSONL to write")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--min-new-tokens", type=int, default=None,
+                        help="no eos before this many answer tokens (default: 8 for an imported release LLM, as the "
+                             "release's understanding runner, else 0)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -186,6 +190,8 @@ def check_arguments(args: argparse.Namespace) -> str:
         raise UsageError("give either --video and --question, or --qa-file, --videos and --out")
     check_range("--max-new-tokens", args.max_new_tokens, 1, MAX_NEW_TOKENS)
     check_range("--max-clips", args.max_clips, 1, MAX_CLIPS)
+    if args.min_new_tokens is not None:
+        check_range("--min-new-tokens", args.min_new_tokens, 0, args.max_new_tokens)
     check_range("--temperature", args.temperature, 0, low_inclusive=False)
     check_range("--top-p", args.top_p, 0, 1, low_inclusive=False)
     if single:
@@ -207,9 +213,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         mode = check_arguments(args)
         questions = read_eval_questions(args.qa_file) if mode == "batch" else None
-        chat = VideoChat(args.model, args.tokenizers, keyframe_source=args.keyframe_source,
+        chat = VideoChat(args.model, args.tokenizers if args.tokenizers is not None else args.model,
+                         keyframe_source=args.keyframe_source,
                          keyframe_backbone_weights=args.keyframe_backbone_weights, template=args.template,
-                         max_clips=args.max_clips, device=args.device, seed=args.seed)
+                         max_clips=args.max_clips, device=args.device, seed=args.seed,
+                         min_new_tokens=args.min_new_tokens)
     except load_errors as exc:
         return fail(exc)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             motion_guidance=args.motion_guidance, temperature=args.temperature,
             keyframe_temperature=args.keyframe_temperature, keyframe_sampler=args.keyframe_sampler,
             long_video_start=args.long_video_start)
-        if image is not None and pipeline.keyframe_tokenizer is None:
+        if image is not None and pipeline.video_coder is None:
             raise UsageError(f"--image needs the keyframe_tokenizer export in --exports {args.exports} "
                              "(image-to-video tokenises the image)")
     except (UsageError, ExportError, ModelDirectoryError, FileNotFoundError, ValueError) as exc:

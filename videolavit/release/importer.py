@@ -2,10 +2,13 @@
 
 What it writes into ``out`` (what ``TextToVideo.from_directory``, ``chat`` and the stages' ``init_from`` read):
 ``motion_tokenizer.{json,safetensors}``, ``keyframe_tokenizer.{json,safetensors}`` (+ its ViT in
-``keyframe_tokenizer_backbone.safetensors``), ``keyframe_detokenizer/`` and ``video_detokenizer/`` (diffusers-style
+``keyframe_tokenizer_backbone.safetensors``), ``keyframe_feature_decoder.{json,safetensors}`` (the release's
+``highres_tokenizer_decoder.bin``: the keyframe tokenizer stage's decoder and g_I's condition decoder), ``keyframe_detokenizer/`` and ``video_detokenizer/`` (diffusers-style
 directories: ``unet/``, ``scheduler/``, ``vae/``, and the rest in ``{name}.{json,safetensors}``), and ``pretrain/`` (``language_model/``) and ``instruct/``
-(``language_model_sft/``) LLM directories with safetensors weights, a fast tokenizer and
-``videolavit_vocabulary.json``. Every export records the release behaviour (``release_behaviour.json``,
+(``language_model_sft/``) LLM directories with safetensors weights, a fast tokenizer,
+``videolavit_vocabulary.json`` and ``videolavit_llm.json`` (``keyframe_input``: ``codes`` for the generation LLM,
+``continuous`` for the SFT model, whose directory also gets its own ``keyframe_tokenizer.*`` and
+``motion_tokenizer.*``: see ``UnderstandingParts``). Every export records the release behaviour (``release_behaviour.json``,
 g_V's ``release_behaviour`` config, g_I's DDIM / ancestral sampler from the release's scheduler).
 
 Every weight file is read with ``torch.load(weights_only=True)`` (``checkpoint.load_bin_state_dict``) and
@@ -16,6 +19,7 @@ directories); loading is strict, and every missing, unexpected or mis-shaped fil
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -32,12 +36,15 @@ from videolavit.release.checkpoint import ReleaseCheckpointError, load_bin_state
 SIZE_SECTIONS = ("motion_tokenizer", "keyframe_tokenizer", "keyframe_feature_decoder", "keyframe_detokenizer",
                  "motion_encoder", "video_detokenizer")
 FEATURE_DECODER = "visual_tokenizer/highres_tokenizer_decoder.bin"
+FEATURE_DECODER_EXPORT = "keyframe_feature_decoder"  # stages.keyframe_tokenizer's DECODER_EXPORT_NAME
 IMAGE_UNET = "unet/diffusion_pytorch_model.bin"
 VAE_WEIGHTS = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors")
 LLM_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors", "model.safetensors.index.json")
 LLM_EXPORTS = {"language_model": "pretrain", "language_model_sft": "instruct"}
 ALLOWED_TOP = {"motion_tokenizer.bin", "visual_tokenizer", "video_detokenizer", "image_detokenizer",
                *L.LLM_DIRECTORIES}
+# the release's understanding model (VideoLaVITLlamaForCausalLM) holds its keyframe and motion tokenizers
+VISION_PREFIXES = ("model.visual_tokenizer.", "model.motion_tokenizer.")
 VIDEO_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction",
                    "use_karras_sigmas": True}
 
@@ -207,6 +214,10 @@ def import_keyframe_detokenizer(release: Path, out: Path, codebook: torch.Tensor
     decoder_path = release / FEATURE_DECODER
     decoder_state = _bin(decoder_path, "the keyframe feature decoder")
     _strict(model.feature_decoder, decoder_state, str(decoder_path))
+    # also the keyframe tokenizer stage's feature decoder export, so both stage-1 keyframe stages start from here
+    from videolavit.models.export import save_export
+
+    save_export(model.feature_decoder, out, FEATURE_DECODER_EXPORT, model.feature_decoder.config)
     model.load_tokenizer_parts(codebook, model.feature_decoder.state_dict())
     unet_path = root / IMAGE_UNET
     _strict(model.unet.net, _bin(unet_path, "the keyframe U-Net weights"), str(unet_path))
@@ -269,34 +280,63 @@ def import_video_detokenizer(release: Path, out: Path, sizes: dict, encoder_size
         num_frames=int(spec_sizes["num_frames"]), motion_grid=(20, 36), motion_scale=10.0))
 
 
-def _llm_weights(src: Path, dest: Path) -> None:
-    """HF Llama weights (``.bin``, sharded or not, or safetensors) -> ``model.safetensors`` in ``dest``."""
+def _llm_weights(src: Path, dest: Path) -> dict[str, torch.Tensor]:
+    """HF Llama weights (``.bin``, sharded or not, or safetensors) -> ``model.safetensors`` in ``dest``.
+
+    The release's understanding checkpoint is a ``VideoLaVITLlamaForCausalLM``: its ``model.visual_tokenizer.*``
+    and ``model.motion_tokenizer.*`` tensors are not the LLM's; they are returned (keys as in the file) and kept
+    out of ``model.safetensors``."""
     names = [n for n in LLM_WEIGHTS if (src / n).is_file()]
     if not names:
         raise ReleaseImportError(f"LLM directory {src} holds no weights (one of {list(LLM_WEIGHTS)})")
     name = names[0]
-    if name.endswith(".safetensors") or name == "model.safetensors.index.json":
-        for path in [src / name, *(src / f for f in set(_json(src / name, "an index")["weight_map"].values())
-                                   if name.endswith(".json"))]:
-            shutil.copy(path, dest / path.name)
-        return
     if name.endswith(".index.json"):
         shards = sorted(set(_json(src / name, "the LLM weight index")["weight_map"].values()))
     else:
         shards = [name]
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state.update(_bin(src / shard, "an LLM weight shard"))
+    if name.endswith("safetensors") or name == "model.safetensors.index.json":
+        from safetensors import safe_open
+
+        towers = {}
+        for shard in shards:
+            with safe_open(str(_require(src / shard, "an LLM weight shard")), "pt") as handle:
+                towers.update({k: handle.get_tensor(k) for k in handle.keys() if k.startswith(VISION_PREFIXES)})
+        if not towers:
+            for path in [src / name, *(src / f for f in shards if name.endswith(".json"))]:
+                shutil.copy(path, dest / path.name)
+            return {}
+        state = {}
+        for shard in shards:
+            with safe_open(str(src / shard), "pt") as handle:
+                state.update({k: handle.get_tensor(k) for k in handle.keys()})
+    else:
+        state = {}
+        for shard in shards:
+            state.update(_bin(src / shard, "an LLM weight shard"))
+    towers = {k: state.pop(k) for k in [k for k in state if k.startswith(VISION_PREFIXES)]}
     save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "model.safetensors"))
+    return towers
+
+
+class SentencepieceMissingError(ReleaseImportError):
+    """The release's slow ``tokenizer.model`` needs the sentencepiece package to become a fast tokenizer."""
+
+
+def sentencepiece_available() -> bool:
+    return importlib.util.find_spec("sentencepiece") is not None
 
 
 def _fast_tokenizer(src: Path, dest: Path):
     """The release ships a slow sentencepiece tokenizer: use its ``tokenizer.json`` where present, else
-    convert ``tokenizer.model`` with transformers (needs the sentencepiece package)."""
+    convert ``tokenizer.model`` with transformers (needs the sentencepiece package: ``videolavit[release]``)."""
     from transformers import AutoTokenizer
 
     if not (src / "tokenizer.json").is_file() and not (src / "tokenizer.model").is_file():
         raise ReleaseImportError(f"LLM directory {src} has no tokenizer (tokenizer.model or tokenizer.json)")
+    if not (src / "tokenizer.json").is_file() and not sentencepiece_available():
+        raise SentencepieceMissingError(f"{src / 'tokenizer.model'} is a slow sentencepiece tokenizer; converting it "
+                                        "needs the sentencepiece package: pip install 'videolavit[release]' (or "
+                                        "pip install sentencepiece)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - conversion fails in several libraries' error types
@@ -309,7 +349,15 @@ def _fast_tokenizer(src: Path, dest: Path):
     return tokenizer
 
 
-def import_llm(src: Path, dest: Path, vocabulary: Vocabulary, keyframe_keys: set[str] | None) -> None:
+def import_llm(src: Path, dest: Path, vocabulary: Vocabulary, keyframe_keys: set[str] | None,
+               understanding: "UnderstandingParts | None" = None) -> None:
+    """One LLM directory. ``understanding`` (for ``language_model_sft/``): the export reads keyframes as
+    continuous features (``videolavit.llm.keyframe_features``) and gets its own keyframe and motion tokenizer
+    exports - the SFT checkpoint's ``model.visual_tokenizer.*`` / ``model.motion_tokenizer.*`` when it holds them
+    (the release's understanding model loads those), else the release's tokenizers with ``visual_weight.bin``
+    over the keyframe tokenizer's (LaVIT's ``build_dynamic_tokenizer(for_understanding=True)``)."""
+    from videolavit.llm.keyframe_features import write_llm_spec
+
     config = _json(src / "config.json", "an LLM config")
     if int(config.get("vocab_size", -1)) != vocabulary.size:
         raise ReleaseImportError(f"{src / 'config.json'}: vocab_size {config.get('vocab_size')} is not the "
@@ -318,22 +366,85 @@ def import_llm(src: Path, dest: Path, vocabulary: Vocabulary, keyframe_keys: set
     for name in ("config.json", "generation_config.json"):
         if (src / name).is_file():
             shutil.copy(src / name, dest / name)
-    _llm_weights(src, dest)
+    towers = _llm_weights(src, dest)
     tokenizer = _fast_tokenizer(src, dest)
     if len(tokenizer) != vocabulary.text_size:
         raise ReleaseImportError(f"{src}: the tokenizer has {len(tokenizer)} ids, the release's text ids are "
                                  f"0..{vocabulary.text_size - 1}")
     write_vocabulary_file(dest, vocabulary)
     visual = src / L.VISUAL_WEIGHT
+    visual_state = None
     if visual.is_file():  # the keyframe tokenizer's parts trained with this LLM (continuous keyframes)
-        state = _bin(visual, "the LLM's visual weights")
+        visual_state = _bin(visual, "the LLM's visual weights")
         if keyframe_keys is not None:
-            unknown = sorted(set(state) - keyframe_keys)
+            unknown = sorted(set(visual_state) - keyframe_keys)
             if unknown:
                 raise ReleaseImportError(f"{visual}: keys that are not the keyframe tokenizer's: {unknown[:6]}")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "visual_weight.safetensors"))
+        save_file({k: v.contiguous() for k, v in visual_state.items()}, str(dest / "visual_weight.safetensors"))
+    sources = {}
+    if understanding is not None:
+        sources = understanding.write(src, dest, towers, visual_state)
+    elif towers:
+        raise ReleaseImportError(f"{src}: a generation LLM with {sorted(towers)[:3]}...: only language_model_sft/ "
+                                 "holds the understanding model's tokenizers")
+    write_llm_spec(dest, "continuous" if understanding is not None else "codes", **sources)
     (dest / L.BEHAVIOUR_FILE).write_text(json.dumps({"llm_generation": "release", "source": str(src.resolve()),
-                                                     "visual_weight": visual.is_file()}, indent=2))
+                                                     "visual_weight": visual.is_file(),
+                                                     "keyframe_input": "continuous" if understanding else "codes"},
+                                                    indent=2))
+
+
+@dataclass
+class UnderstandingParts:
+    """What an understanding (SFT) export needs besides the LLM: the imported tokenizers to start from."""
+
+    out: Path  # the exports directory holding the imported motion_tokenizer.* and keyframe_tokenizer.*
+    motion_sizes: dict
+    keyframe_sizes: dict
+
+    def write(self, src: Path, dest: Path, towers: dict, visual_state: dict | None) -> dict:
+        from videolavit.models.export import save_export
+        from videolavit.models.keyframe_tokenizer import KeyframeTokenizer, KeyframeTokenizerConfig
+        from videolavit.models.keyframe_tokenizer_export import (init_backbone, load_keyframe_tokenizer,
+                                                                 save_keyframe_tokenizer)
+        from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig
+
+        ema = ("quantize.cluster_size", "quantize.num_updates")
+        sources = {}
+        visual = {k[len("model.visual_tokenizer."):]: v for k, v in towers.items()
+                  if k.startswith("model.visual_tokenizer.")}
+        if visual:  # the release's understanding model: its own, complete keyframe tokenizer
+            model = KeyframeTokenizer(KeyframeTokenizerConfig(**self.keyframe_sizes))
+            _strict(model, visual, f"{src} (model.visual_tokenizer.*)", may_lack=ema)
+            backbone_file = dest / "keyframe_tokenizer_backbone.safetensors"
+            save_file({k[len("encoder."):]: v.contiguous() for k, v in visual.items() if k.startswith("encoder.")},
+                      str(backbone_file))
+            backbone = init_backbone(model, backbone_file.resolve())
+            sources["keyframe_encoder"] = "model.visual_tokenizer"
+        else:
+            model = load_keyframe_tokenizer(self.out)
+            backbone = init_backbone(model, (self.out / "keyframe_tokenizer_backbone.safetensors").resolve())
+            sources["keyframe_encoder"] = "visual_tokenizer/tokenizer_encoder.bin"
+            if visual_state is not None:
+                ours = model.state_dict()
+                mis_shaped = sorted(k for k in visual_state if visual_state[k].shape != ours[k].shape)
+                if mis_shaped:
+                    raise ReleaseImportError(f"{src / L.VISUAL_WEIGHT}: mis-shaped {mis_shaped[:6]}")
+                model.load_state_dict({**ours, **visual_state})
+                sources["keyframe_encoder"] += f" + {L.VISUAL_WEIGHT}"
+        save_keyframe_tokenizer(model, dest, backbone)
+        motion = {k[len("model.motion_tokenizer."):]: v for k, v in towers.items()
+                  if k.startswith("model.motion_tokenizer.")}
+        if motion:
+            tokenizer = MotionTokenizer(MotionTokenizerConfig.preset("release", **self.motion_sizes))
+            _strict(tokenizer, motion, f"{src} (model.motion_tokenizer.*)", may_lack=ema)
+            save_export(tokenizer, dest, MOTION_TOKENIZER, tokenizer.config)
+            sources["motion_tokenizer"] = "model.motion_tokenizer"
+        else:
+            for suffix in (".json", ".safetensors"):
+                shutil.copy(self.out / f"motion_tokenizer{suffix}", dest / f"motion_tokenizer{suffix}")
+            sources["motion_tokenizer"] = L.MOTION_TOKENIZER
+        return sources
 
 
 def import_release(release: str | Path, out: str | Path, sizes: dict | None = None) -> ImportReport:
@@ -372,8 +483,10 @@ def import_release(release: str | Path, out: str | Path, sizes: dict | None = No
         if name not in found:
             report.skipped.append(name)
             continue
+        understanding = UnderstandingParts(out, sizes.get("motion_tokenizer", {}), sizes.get("keyframe_tokenizer", {})) \
+            if name == "language_model_sft" else None
         import_llm(release / name, out / LLM_EXPORTS[name], _llm_vocabulary(release / name, vocabulary),
-                   keyframe_keys)
+                   keyframe_keys, understanding)
         report.written.append(LLM_EXPORTS[name])
     (out / L.BEHAVIOUR_FILE).write_text(json.dumps({"release": str(release.resolve()), "written": report.written,
                                                     "skipped": report.skipped}, indent=2))
