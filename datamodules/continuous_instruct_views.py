@@ -39,12 +39,12 @@ import torch
 from datamodules.instruct_views import NO_CONVERSATION, ConversationFormat, InstructionSequenceView
 from datamodules.sample_format import decode_sample
 from datamodules.skip_tracker import SKIPS, SKIPS_KEY
+from datamodules.token_source import TokenSource
 from videolavit.inference.video_chat import read_llm_vocabulary
-from videolavit.llm.vocabulary import VOCABULARY_FILE
 from videolavit.llm.keyframe_features import KEYFRAME_SLOT_ID, continuous_clip_ids
 from videolavit.llm.sequences import IGNORE_INDEX
 from videolavit.llm.video_codes import VideoCoder
-from videolavit.llm.vocabulary import Vocabulary
+from videolavit.llm.vocabulary import VOCABULARY_FILE, Vocabulary
 from videolavit.video.clips import CLIP_FRAMES
 from videolavit.video import errors
 
@@ -67,12 +67,13 @@ class ContinuousInstructionView(InstructionSequenceView):
                  clip_frames: int = CLIP_FRAMES, max_clips: int = 8, clips_per_video: str = "all"):
         if vocabulary is None and (Path(tokenizer_path) / VOCABULARY_FILE).is_file():
             vocabulary = read_llm_vocabulary(tokenizer_path)  # an LLM export: its own id layout
-        super().__init__(tokenizer_path, vocabulary=vocabulary, seq_len=seq_len, conversations=conversations,
-                         val_conversations=val_conversations, conversation_format=conversation_format, turns=turns,
-                         weights={"video": 1.0}, template=template, overlong=overlong, pack=False,
-                         tokenizer_exports=tokenizer_exports, image_tokenizer_export=image_tokenizer_export,
-                         keyframe_backbone_weights=keyframe_backbone_weights, tokenizer_device=tokenizer_device,
-                         clip_frames=clip_frames, max_clips=max_clips, clips_per_video=clips_per_video)
+        tokens = TokenSource(tokenizer_path, vocabulary=vocabulary, seq_len=seq_len,
+                             tokenizer_exports=tokenizer_exports, image_tokenizer_export=image_tokenizer_export,
+                             keyframe_backbone_weights=keyframe_backbone_weights, tokenizer_device=tokenizer_device,
+                             clip_frames=clip_frames, max_clips=max_clips, clips_per_video=clips_per_video)
+        super().__init__(tokens, conversations=conversations, val_conversations=val_conversations,
+                         conversation_format=conversation_format, turns=turns, weights={"video": 1.0},
+                         template=template, overlong=overlong, pack=False)
         self._coder: VideoCoder | None = None
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,7 @@ def test_bad_plan_input_is_one_line_and_exit_2(capsys, tmp_path):
 
 
 def test_plan_all_ends_with_one_json_line_for_every_config(capsys, tmp_path):
+    shutil.copytree(REPO / "experiments" / "base", tmp_path / "base")  # the files their `base:` names
     for name in LLM_CONFIGS:
         (tmp_path / name).write_text((REPO / "experiments" / name).read_text())
     code = main(["plan", "--all", str(tmp_path)])
