@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from videolavit.config_files import read_config  # noqa: E402
 from videolavit.models.motion_tokenizer import MotionTokenizer, MotionTokenizerConfig  # noqa: E402
 
 CONFIGS = {
@@ -37,7 +37,7 @@ CONFIGS = {
 
 def load_config(name: str) -> tuple[MotionTokenizerConfig, int]:
     """The tokenizer of a stage config and its per-GPU training batch."""
-    config = yaml.safe_load((REPO / CONFIGS[name]).read_text())
+    config = read_config(REPO / CONFIGS[name])
     trainer, data = config["trainer"], config["data"]["init_args"]
     devices = int(trainer.get("devices", 1)) * int(trainer.get("num_nodes", 1))
     return MotionTokenizerConfig(**config["model"]["init_args"]["tokenizer"]), data["batch_size"] // devices

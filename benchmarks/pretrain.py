@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -29,6 +28,7 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
 
 from stages.pretrain import PretrainStage  # noqa: E402
+from videolavit.config_files import read_config  # noqa: E402
 from videolavit.llm.flops import model_flops_utilisation, training_flops_per_token  # noqa: E402
 from videolavit.llm.text_tokenizer import build_tiny_tokenizer  # noqa: E402
 from videolavit.llm.vocabulary import Vocabulary  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     precision = args.precision or ("bf16-mixed" if cuda else "32-true")
     if args.preset == "tiny":
-        tiny = yaml.safe_load((REPO / "experiments/tiny/pretrain.yaml").read_text())["model"]["init_args"]
+        tiny = read_config(REPO / "experiments/tiny/pretrain.yaml")["model"]["init_args"]
         vocabulary, llm_config = Vocabulary(**tiny["vocabulary"]), dict(tiny["llm_config"])
         seq_len = args.seq_len or 384
     else:

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from videolavit.config_files import read_config  # noqa: E402
 from videolavit.diffusion.guidance import GuidedDenoiser, LinearFrameGuidance  # noqa: E402
 from videolavit.models.video_detokenizer import VideoDetokenizer, VideoDetokenizerConfig  # noqa: E402
 
@@ -30,7 +30,7 @@ CONFIGS = {"tiny": "experiments/tiny/video_detokenizer.yaml", "full": "experimen
 
 def load(name: str) -> tuple[VideoDetokenizerConfig, dict, int, bool]:
     """The detokenizer of a stage config, its video view, per-device training batch and checkpointing."""
-    config = yaml.safe_load((REPO / CONFIGS[name]).read_text())
+    config = read_config(REPO / CONFIGS[name])
     init, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
     devices = int(trainer.get("devices", 1)) * int(trainer.get("num_nodes", 1))
     return (VideoDetokenizerConfig(**init["detokenizer"]), data["view"]["init_args"],

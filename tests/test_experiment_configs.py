@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.effective_config_snapshots import experiment_configs, snapshot_path
 from videolavit.__main__ import main
 from videolavit.models.motion_tokenizer import MotionTokenizerConfig
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-CONFIGS = sorted(EXPERIMENTS.glob("*.yaml")) + sorted(EXPERIMENTS.glob("tiny/*.yaml"))
+CONFIGS = experiment_configs()
 MOTION_TOKENS = {  # full-scale stage 1a configs and the token count each must give
     "stage1_motion_tokenizer.yaml": 135,
     "stage1_motion_tokenizer_paper256.yaml": 256,
@@ -36,6 +37,8 @@ def test_the_full_scale_stage_1a_configs_exist():
 def test_config_parses(path, capsys):
     config = print_config(path, capsys)
     assert {"trainer", "model", "data"} <= set(config)
+    # what the run gets, setting for setting, as recorded (tests/effective_config_snapshots.py rewrites them)
+    assert config == yaml.safe_load(snapshot_path(path).read_text())
     init = config["model"]["init_args"]
     if config["model"]["class_path"] != "stages.motion_tokenizer.MotionTokenizerStage":
         return

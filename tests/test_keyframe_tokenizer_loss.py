@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from stages.keyframe_tokenizer import KeyframeTokenizerStage
+from videolavit.config_files import read_config
 from videolavit.models.eva_vit import EvaViTConfig
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
 from videolavit.models.keyframe_tokenizer import KeyframeEncoding, KeyframeTokenizerConfig, _pack_kept
@@ -76,7 +76,7 @@ def test_default_config_is_the_papers_objective():
 
 def test_full_scale_config_uses_the_papers_objective_and_the_tiny_config_the_small_object_terms():
     def loss_config(path: str) -> KeyframeTokenizerLossConfig:
-        config = yaml.safe_load((REPO / path).read_text())
+        config = read_config(REPO / path)
         return KeyframeTokenizerLossConfig(**config["model"]["init_args"]["loss"])
 
     full = loss_config("experiments/stage1_keyframe_tokenizer.yaml")

@@ -17,6 +17,7 @@ from tests.multinode_fit import fit_on_one_node, fit_on_two_nodes
 from tests.tensorboard_scalars import scalars
 from tests.test_pretrain import cli_inputs  # noqa: F401  (a fixture)
 from tests.test_pretrain import write_config as write_pretrain_config
+from videolavit.config_files import read_config
 
 REPO = Path(__file__).resolve().parents[1]
 SAVED_AT, RESUMED_TO = 6, 10
@@ -153,7 +154,7 @@ def _rehearse(base: dict, root: Path, strategy_for, learns: bool, tolerance: flo
 # ------------------------------------------------------------------------------------------- stage 1a, DDP
 def _motion_tokenizer_config(root: Path, shards: Path) -> dict:
     """experiments/tiny/motion_tokenizer.yaml with only sizes (and paths) overridden."""
-    config = yaml.safe_load((REPO / "experiments" / "tiny" / "motion_tokenizer.yaml").read_text())
+    config = read_config(REPO / "experiments" / "tiny" / "motion_tokenizer.yaml")
     trainer = config["trainer"]
     trainer.update(limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1, enable_progress_bar=False)
     trainer["callbacks"][0]["init_args"].update(every_n_train_steps=SAVED_AT, enable_version_counter=False)

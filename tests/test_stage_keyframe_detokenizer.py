@@ -18,6 +18,7 @@ from stages.keyframe_detokenizer import SOURCE_KEY, KeyframeDetokenizerStage, ch
 from stages.keyframe_tokenizer import KeyframeTokenizerStage
 from tests.tensorboard_scalars import scalars
 from videolavit.cli import run_lightning_cli
+from videolavit.config_files import read_config
 from videolavit.models.export import ExportError
 from videolavit.models.keyframe_detokenizer import (
     KeyframeDetokenizerConfig,
@@ -246,9 +247,9 @@ def test_psnr_of_identical_and_opposite_images():
 def test_experiment_configs_fit_the_keyframe_tokenizer_configs(config):
     """The U-Net's condition widths are the feature decoder's, sizes divide, the batch divides over devices
     (tests/test_experiment_configs.py parses every config through the CLI)."""
-    full = yaml.safe_load((REPO / "experiments" / config).read_text())
+    full = read_config(REPO / "experiments" / config)
     tokenizer_config = config.replace("keyframe_detokenizer", "keyframe_tokenizer")
-    tokenizer = yaml.safe_load((REPO / "experiments" / tokenizer_config).read_text())["model"]["init_args"]
+    tokenizer = read_config(REPO / "experiments" / tokenizer_config)["model"]["init_args"]
     args = full["model"]["init_args"]
     space = args["latent_space"]
     downsample = 1 if space["class_path"].endswith("PixelSpace") else 8  # SDXL's VAE

@@ -27,6 +27,7 @@ from stages.keyframe_tokenizer import (
     images_from_batch,
 )
 from videolavit.cli import run_lightning_cli
+from videolavit.config_files import read_config
 from videolavit.models.eva_vit import EvaViT, EvaViTConfig
 from videolavit.models.export import ExportError, load_export
 from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
@@ -326,7 +327,7 @@ def test_mismatched_decoder_is_rejected():
 @pytest.mark.parametrize("config", ["stage1_keyframe_tokenizer.yaml", "tiny/keyframe_tokenizer.yaml"])
 def test_experiment_configs_fit_together(config):
     """Sub-model sizes fit each other and the data view (tests/test_experiment_configs.py parses every config)."""
-    full = yaml.safe_load((REPO / "experiments" / config).read_text())
+    full = read_config(REPO / "experiments" / config)
     args = full["model"]["init_args"]
     tokenizer = KeyframeTokenizerConfig(**args["tokenizer"])
     check_configs(tokenizer, KeyframeFeatureDecoderConfig(**args["decoder"]))

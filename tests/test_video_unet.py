@@ -358,7 +358,7 @@ def test_temporal_convolutions_run_as_2d_with_the_same_parameters_and_result():
     fast = torch.nn.Conv3d(6, 5, kernel_size=(3, 1, 1), padding=(1, 0, 0))
     fast.load_state_dict(conv.state_dict())
     assert TemporalConv3d.applies_to(fast)
-    fast.__class__ = TemporalConv3d
+    fast = TemporalConv3d.like(fast)
     x = torch.randn(2, 6, 7, 4, 3, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
     torch.testing.assert_close(fast(x2), conv(x), rtol=1e-5, atol=1e-6)

@@ -1,12 +1,12 @@
 """LightningCLI for the training stages: ``python -m videolavit fit --config experiments/<stage>.yaml``.
 
-Stages (``stages.*``) and the DataModule are chosen in YAML with ``class_path``/``init_args``. Lightning
+Stages (``stages.*``) and the DataModule are chosen in YAML with ``class_path``/``init_args``; a config with
+a ``base:`` list is merged with its shared bases first (``videolavit.config_files``). Lightning
 behaviours that silently lose work are turned into errors here: ``--ckpt_path last`` that finds no
 checkpoint (Lightning would start from scratch, or predict with untrained weights), ``--ckpt_path``
 combined with a stage's ``init_from`` (resuming restores the run; ``init_from`` starts a new one from
 another stage's export), and a ``predict`` that has no weights to load or no prediction writer to keep
-its output (``callbacks.token_dump.TokenDumpWriter``). ``predict`` streams through the writer and does
-not also collect every prediction in memory.
+its output (``callbacks.token_dump.TokenDumpWriter``).
 
 ``--ckpt_path last`` is resolved here, not by Lightning: the newest ``last*.ckpt`` of the ModelCheckpoint
 directories, and when that file is empty or cut short (a kill while it was written) the newest readable
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -33,6 +34,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from stages.nonfinite_guard import NonFiniteExportError, NonFiniteTrainingError
 from videolavit.config_errors import StageConfigError
+from videolavit.config_files import ConfigBaseError, has_bases, read_config
+
+CONFIG_OPTIONS = ("--config", "-c")
 
 
 class ConfigError(ValueError):
@@ -95,7 +99,37 @@ def resolve_last_checkpoint(dirs: list[Path]) -> Path:
                                  "Set --ckpt_path to a good checkpoint file, or drop it to start a new run")
 
 
+def merge_config_bases(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config FILE`` whose YAML has a ``base:`` replaced by the merged settings (as the
+    YAML text jsonargparse also accepts there), so one file written as a delta of shared bases runs as it reads
+    (``videolavit.config_files``). Other arguments, and configs without ``base:``, pass unchanged."""
+    merged = []
+    take_next = False
+    for arg in argv:
+        if take_next:
+            take_next = False
+            merged.append(yaml.safe_dump(read_config(arg), sort_keys=False) if has_bases(arg) else arg)
+            continue
+        option, equals, value = arg.partition("=")
+        if option in CONFIG_OPTIONS and equals:
+            merged.append(f"{option}={yaml.safe_dump(read_config(value), sort_keys=False)}" if has_bases(value) else arg)
+            continue
+        take_next = arg in CONFIG_OPTIONS
+        merged.append(arg)
+    return merged
+
+
 class VideoLavitCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        """Configs with a ``base:`` list reach the parser merged (``merge_config_bases``)."""
+        if args is not None and not isinstance(args, (list, tuple)):
+            return super().parse_arguments(parser, args)
+        given = list(sys.argv[1:] if args is None else args)
+        merged = merge_config_bases(given)
+        if merged == given:
+            return super().parse_arguments(parser, args)
+        self.config = parser.parse_args(merged)
+
     def before_instantiate_classes(self) -> None:
         torch.set_float32_matmul_precision("high")
 
@@ -195,7 +229,7 @@ def run_lightning_cli(argv: list[str]) -> VideoLavitCLI:
             args=None if argv == sys.argv[1:] else argv,
             auto_configure_optimizers=False,
         )
-    except ConfigError as exc:
+    except (ConfigError, ConfigBaseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as exc:  # LightningCLI wraps what a stage's constructor raises in its own errors

@@ -52,15 +52,15 @@ def _init_args(section: dict | None) -> dict:
 
 
 def _read_config(path: str) -> dict:
-    import yaml
+    from videolavit.config_files import ConfigBaseError, read_config
 
     file = Path(path)
     if not file.is_file():
         raise PlanError(f"config {path} does not exist: pass --config experiments/<stage>.yaml")
     try:
-        config = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        raise PlanError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        config = read_config(file)
+    except ConfigBaseError as error:  # not YAML, or a missing, unreadable or cyclic `base:`
+        raise PlanError(f"config {error}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise PlanError(f"config {path} has no model section (model.class_path / model.init_args)")
     return config

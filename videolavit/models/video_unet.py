@@ -22,9 +22,9 @@ forward pass only:
     needs no new parameters. (A global alternative, every location attending to the T
     per-frame means, would tell a pixel that *something* moves, not whether it is the thing moving.)
 
-The temporal transformers are diffusers' ``TransformerSpatioTemporalModel`` instances whose class is
-switched to ``MotionTransformerSpatioTemporal`` (same parameters, own forward), so nothing is re-created
-and the state-dict layout stays SVD's.
+Each of diffusers' ``TransformerSpatioTemporalModel`` is replaced by a ``MotionTransformerSpatioTemporal``
+built from its config (same parameters, own forward) that takes over its tensors, so the state-dict layout
+stays SVD's.
 """
 
 from __future__ import annotations
@@ -134,6 +134,27 @@ class MotionTransformerSpatioTemporal(TransformerSpatioTemporalModel):
     motion_grid: tuple[int, int]
     context_resize: str = "bilinear"
 
+    @classmethod
+    def like(cls, stock: TransformerSpatioTemporalModel, motion_grid: tuple[int, int],
+             context_resize: str) -> MotionTransformerSpatioTemporal:
+        """One built with ``stock``'s sizes (on the meta device: nothing is initialised twice) that takes over
+        ``stock``'s parameters and buffers, so the same tensors sit under the same names."""
+        cross = stock.transformer_blocks[0].attn2 if len(stock.transformer_blocks) else None
+        with torch.device("meta"):
+            motion = cls(num_attention_heads=stock.num_attention_heads, attention_head_dim=stock.attention_head_dim,
+                         in_channels=stock.in_channels, out_channels=stock.out_channels,
+                         num_layers=len(stock.transformer_blocks),
+                         cross_attention_dim=None if cross is None else cross.cross_attention_dim)
+        motion.load_state_dict(stock.state_dict(keep_vars=True), strict=True, assign=True)
+        stock_on_meta = any(t.is_meta for t in (*stock.parameters(), *stock.buffers()))  # diffusers' empty init
+        left = [n for n, t in (*motion.named_parameters(), *motion.named_buffers()) if t.is_meta]
+        if left and not stock_on_meta:
+            raise RuntimeError(f"MotionTransformerSpatioTemporal.like: tensors not taken over: {left}")
+        motion.train(stock.training)
+        motion.motion_grid = motion_grid
+        motion.context_resize = context_resize
+        return motion
+
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 image_only_indicator: torch.Tensor | None = None, return_dict: bool = True):
         # hidden_states [b*T, C, h, w]; encoder_hidden_states [b*T, N, D] (frame t's own motion tokens)
@@ -177,6 +198,17 @@ class TemporalConv3d(nn.Conv3d):
         return (type(module) is nn.Conv3d and module.kernel_size[1:] == (1, 1) and module.stride == (1, 1, 1)
                 and module.dilation == (1, 1, 1) and module.groups == 1 and module.padding_mode == "zeros"
                 and isinstance(module.padding, tuple) and module.padding[1:] == (0, 0))
+
+    @classmethod
+    def like(cls, conv: nn.Conv3d) -> TemporalConv3d:
+        """A ``TemporalConv3d`` with ``conv``'s settings that holds ``conv``'s own weight and bias."""
+        fast = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                   padding_mode=conv.padding_mode, device="meta")
+        fast.weight = conv.weight
+        fast.bias = conv.bias
+        fast.train(conv.training)
+        return fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, C, T, h, w]
         batch, _, frames, height, width = x.shape
@@ -246,15 +278,20 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
         # nor a VideoUNetConfig given positionally)
         self._internal_dict = FrozenDict(dataclasses.asdict(config))
         self.video_config = config
-        for module in self.modules():
+        for name, module in list(self.named_modules()):
             if type(module) is TransformerSpatioTemporalModel:
-                module.__class__ = MotionTransformerSpatioTemporal
-                module.motion_grid = config.motion_grid
-                module.context_resize = config.temporal_context_resize
+                self._replace(name, MotionTransformerSpatioTemporal.like(
+                    module, config.motion_grid, config.temporal_context_resize))
+            elif TemporalConv3d.applies_to(module):
+                self._replace(name, TemporalConv3d.like(module))
+        for module in self.modules():
             if isinstance(module, nn.GroupNorm):
                 module.num_groups = config.norm_num_groups  # per-channel affine parameters: layout unchanged
-            if TemporalConv3d.applies_to(module):
-                module.__class__ = TemporalConv3d
+
+    def _replace(self, name: str, module: nn.Module) -> None:
+        """Put ``module`` where submodule ``name`` is (its place in the parent's children, so in the state dict)."""
+        parent, _, child = name.rpartition(".")
+        setattr(self.get_submodule(parent), child, module)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, motion_context: torch.Tensor,
                 added_time_ids: torch.Tensor) -> torch.Tensor:
