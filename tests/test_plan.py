@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,9 +85,9 @@ DDP_CONFIGS = ["stage1_motion_tokenizer.yaml", "stage1_motion_tokenizer_paper256
                "stage1_motion_tokenizer_paper64.yaml", "stage1_keyframe_tokenizer.yaml",
                "stage1_keyframe_detokenizer.yaml", "stage1_video_detokenizer.yaml",
                "stage1_video_detokenizer_1024x576.yaml"]
-# g_V at 1024x576 does not fit 80 GB even at 1 clip per GPU: diffusers' spatio-temporal blocks checkpoint
-# their resnets only, the temporal transformers keep their activations.
-DOES_NOT_FIT = {"stage1_video_detokenizer_1024x576.yaml"}
+# Every full config fits an 80 GB GPU (g_V at 1024x576 with 2 clips per GPU only because its checkpointing
+# recomputes each spatio-temporal transformer whole); a config that stops fitting is listed here.
+DOES_NOT_FIT: set[str] = set()
 U_NET_CONFIGS = {"stage1_keyframe_detokenizer.yaml", "stage1_video_detokenizer.yaml",
                  "stage1_video_detokenizer_1024x576.yaml"}
 
@@ -150,6 +151,7 @@ def test_bad_plan_input_is_one_line_and_exit_2(capsys, tmp_path):
 
 
 def test_plan_all_ends_with_one_json_line_for_every_config(capsys, tmp_path):
+    shutil.copytree(REPO / "experiments" / "base", tmp_path / "base")  # the files their `base:` names
     for name in LLM_CONFIGS:
         (tmp_path / name).write_text((REPO / "experiments" / name).read_text())
     code = main(["plan", "--all", str(tmp_path)])
