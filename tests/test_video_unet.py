@@ -387,3 +387,44 @@ def test_keyframe_residual_diffuses_the_clip_minus_its_keyframe():
     out = residual.sample(cond, 3, num_steps=4, guidance=(1.0, 2.0), generator=torch.Generator().manual_seed(2))
     shifted = plain.sample(plain_cond, 3, num_steps=4, guidance=(1.0, 2.0), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(out, shifted + keyframe[:, None])
+
+
+def test_gradient_checkpointing_recomputes_whole_transformers_with_the_same_loss_and_gradients():
+    from videolavit.models.video_unet import MotionTransformerSpatioTemporal
+    from videolavit.planning.saved_activations import SavedTensorBytes
+
+    model = tiny_detokenizer(uncond_prob=0.5).train()
+    x0, keyframe, motion = detokenizer_batch()
+    transformers = [m for m in model.unet.modules() if isinstance(m, MotionTransformerSpatioTemporal)]
+    runs = {"temporal_blocks": 0, "time_mixer": 0}
+    for transformer in transformers:
+        for block in transformer.temporal_transformer_blocks:
+            block.register_forward_hook(lambda *_: runs.__setitem__("temporal_blocks", runs["temporal_blocks"] + 1))
+        transformer.time_mixer.register_forward_hook(lambda *_: runs.__setitem__("time_mixer", runs["time_mixer"] + 1))
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor], int, dict[str, int]]:
+        model.zero_grad(set_to_none=True)
+        runs.update(temporal_blocks=0, time_mixer=0)
+        g = torch.Generator().manual_seed(3)  # the same σ, noise and dropped conditioning both times
+        with SavedTensorBytes(exclude=model.parameters()) as saved:
+            loss = model.loss(x0, model.conditioning(keyframe, motion, generator=g), generator=g)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, saved.bytes, dict(runs)
+
+    loss, grads, saved, plain_runs = step()
+    model.unet.enable_gradient_checkpointing()
+    assert all(t.gradient_checkpointing for t in transformers)
+    loss_ckpt, grads_ckpt, saved_ckpt, ckpt_runs = step()
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
+    assert grads_ckpt.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the temporal blocks and the mixer run again in the backward pass, so their activations were not kept
+    assert plain_runs == {"temporal_blocks": len(transformers), "time_mixer": len(transformers)}
+    assert ckpt_runs == {"temporal_blocks": 2 * len(transformers), "time_mixer": 2 * len(transformers)}
+    assert saved_ckpt < saved / 2
+    with torch.no_grad():  # nothing to recompute without gradients
+        runs.update(temporal_blocks=0, time_mixer=0)
+        model.unet(*unet_inputs(channels=8))
+        assert runs["temporal_blocks"] == len(transformers)

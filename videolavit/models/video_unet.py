@@ -24,7 +24,9 @@ forward pass only:
 
 Each of diffusers' ``TransformerSpatioTemporalModel`` is replaced by a ``MotionTransformerSpatioTemporal``
 built from its config (same parameters, own forward) that takes over its tensors, so the state-dict layout
-stays SVD's.
+stays SVD's. With gradient checkpointing on (``enable_gradient_checkpointing``) each of them is recomputed
+whole in the backward pass, temporal blocks and time mixer included, not only its spatial blocks as in
+diffusers: at the finest level those hold most of a training step's activations.
 """
 
 from __future__ import annotations
@@ -158,6 +160,20 @@ class MotionTransformerSpatioTemporal(TransformerSpatioTemporalModel):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 image_only_indicator: torch.Tensor | None = None, return_dict: bool = True):
         # hidden_states [b*T, C, h, w]; encoder_hidden_states [b*T, N, D] (frame t's own motion tokens)
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            # The whole transformer is one checkpointed unit (diffusers checkpoints its spatial blocks only):
+            # at the finest level its temporal blocks, the time mixer and the per-location context hold many
+            # times the input map. Nesting its blocks' checkpoints inside would hold less during the backward
+            # recomputation, for a third forward pass of the spatial attention.
+            out = self._gradient_checkpointing_func(self.transform, hidden_states, encoder_hidden_states,
+                                                    image_only_indicator)
+        else:
+            out = self.transform(hidden_states, encoder_hidden_states, image_only_indicator)
+        return TransformerTemporalModelOutput(sample=out) if return_dict else (out,)
+
+    def transform(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                  image_only_indicator: torch.Tensor) -> torch.Tensor:
+        """The forward pass without the output wrapper and without checkpointing: [b*T, C, h, w] -> same."""
         batch_frames, _, height, width = hidden_states.shape
         num_frames = image_only_indicator.shape[-1]
         time_context = per_location_motion_context(encoder_hidden_states, self.motion_grid, (height, width),
@@ -173,17 +189,13 @@ class MotionTransformerSpatioTemporal(TransformerSpatioTemporalModel):
         frame_emb = self.time_pos_embed(self.time_proj(frame_index).to(x.dtype))[:, None, :]
 
         for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, None, encoder_hidden_states, None)
-            else:
-                x = block(x, encoder_hidden_states=encoder_hidden_states)
+            x = block(x, encoder_hidden_states=encoder_hidden_states)
             mixed = temporal_block(x + frame_emb, num_frames=num_frames, encoder_hidden_states=time_context)
             x = self.time_mixer(x_spatial=x, x_temporal=mixed, image_only_indicator=image_only_indicator)
 
         x = self.proj_out(x)
         x = x.reshape(batch_frames, height, width, -1).permute(0, 3, 1, 2).contiguous()
-        out = x + residual
-        return TransformerTemporalModelOutput(sample=out) if return_dict else (out,)
+        return x + residual
 
 
 class TemporalConv3d(nn.Conv3d):
