@@ -172,7 +172,8 @@ class VideoTokenView(SampleView):
         ==================  ========================================================================
 
         Call the model with ``input_ids``, ``position_ids`` and ``use_cache=False`` only (see
-        ``videolavit.llm.sequences``: no 2-D attention mask, or documents leak into each other).
+        ``videolavit.llm.sequences.collate_packed_rows``: no 2-D attention mask, or documents leak into each
+        other).
         """
         batch = collate_packed_rows(examples)
         batch["modality"] = self.vocabulary.modality_of(batch["input_ids"])
