@@ -3,31 +3,8 @@
 Training does not read these dumps: the LLM stages read token shards written by ``python -m videolavit tokenize``
 (``datamodules.tokenize_shards``: WebDataset tars, streamed, fingerprinted). A dump is a quick look at what a
 tokenizer checkpoint makes of a corpus (ids per clip, one JSON line each), e.g. to compare two checkpoints.
-
-Dump the motion tokens of a trained stage 1a run (the val shards, or the train shards when the config
-has none; override ``--data.init_args.val_shards`` to dump another corpus)::
-
-    python -m videolavit predict --config experiments/stage1_motion_tokenizer.yaml \\
-        --ckpt_path runs/stage1_motion_tokenizer/checkpoints/last.ckpt \\
-        --trainer.callbacks+=callbacks.token_dump.TokenDumpWriter \\
-        --trainer.callbacks.output_dir=/data/tokens/webvid
-
-On a laptop, after ``python -m videolavit demo`` (or a tiny ``fit``)::
-
-    python -m videolavit predict --config experiments/tiny/motion_tokenizer.yaml --ckpt_path last \\
-        --trainer.callbacks+=callbacks.token_dump.TokenDumpWriter --trainer.callbacks.output_dir=runs/tiny/tokens
-
-``--ckpt_path last`` resolves in the config's checkpoint dirpath; ``--model.init_from EXPORT_DIR``
-instead of ``--ckpt_path`` dumps with a stage export. The CLI refuses a ``predict`` without weights or
-without a prediction writer, and does not also keep the predictions in memory. Every rank writes its own
-``{name}_tokens.rank{R}.jsonl``, one line per clip::
-
-    {"key": "<video key>", "clip_start": 12, "motion_ids": [17, 803, ...]}
-
-and, once all ranks have finished, rank 0 writes ``{name}_tokens.json`` listing the rank files, the
-number of clips written, the token count and the codebook size. The JSON is written last, so a dump
-without it is incomplete; ``read_token_dump`` refuses such a directory, and one whose files hold a
-different number of clips.
+The commands and the file layout are in ``TokenDumpWriter``'s docstring. The manifest is written last, so a
+dump without it is incomplete, and ``read_token_dump`` refuses it rather than return part of a corpus.
 """
 
 from __future__ import annotations
@@ -53,6 +30,31 @@ def _rank_file(name: str, rank: int) -> str:
 
 class TokenDumpWriter(BasePredictionWriter):
     """Write ``predict_step`` outputs ``{"key", "clip_start", "ids"}`` as JSONL, one file per rank.
+
+    Dump the motion tokens of a trained stage 1a run (the val shards, or the train shards when the config
+    has none; override ``--data.init_args.val_shards`` to dump another corpus)::
+
+        python -m videolavit predict --config experiments/stage1_motion_tokenizer.yaml \\
+            --ckpt_path runs/stage1_motion_tokenizer/checkpoints/last.ckpt \\
+            --trainer.callbacks+=callbacks.token_dump.TokenDumpWriter \\
+            --trainer.callbacks.output_dir=/data/tokens/webvid
+
+    On a laptop, after ``python -m videolavit demo`` (or a tiny ``fit``)::
+
+        python -m videolavit predict --config experiments/tiny/motion_tokenizer.yaml --ckpt_path last \\
+            --trainer.callbacks+=callbacks.token_dump.TokenDumpWriter --trainer.callbacks.output_dir=runs/tiny/tokens
+
+    ``--ckpt_path last`` resolves in the config's checkpoint dirpath; ``--model.init_from EXPORT_DIR``
+    instead of ``--ckpt_path`` dumps with a stage export. The CLI refuses a ``predict`` without weights or
+    without a prediction writer, and does not also keep the predictions in memory. Every rank writes its own
+    ``{name}_tokens.rank{R}.jsonl``, one line per clip::
+
+        {"key": "<video key>", "clip_start": 12, "motion_ids": [17, 803, ...]}
+
+    and, once all ranks have finished, rank 0 writes ``{name}_tokens.json`` listing the rank files, the
+    number of clips written, the token count and the codebook size. The JSON is written last, so a dump
+    without it is incomplete; ``read_token_dump`` refuses such a directory, and one whose files hold a
+    different number of clips.
 
     Args:
         output_dir: directory of the dump (created; a previous dump of the same ``name`` is replaced).

@@ -6,54 +6,11 @@ gave. The shared ``VideoDataModule`` streams them like video shards (resampled a
 training, each sample once in validation), so memory per process does not grow with the corpus, and the views
 only decode small integer arrays: no tokenizer runs in a data worker.
 
-``PretrainSequenceView`` (stage 2) turns the stream into rows of exactly ``seq_len`` ids:
-
-1. every token sample becomes one video-text *pair* document (``sequences.multimodal_pair``): its clips
-   (``SampleView.clip_starts`` on the video's I-frames: up to ``max_clips`` 24-frame clips, which the tokenize
-   job tokenised at its own ``--max-clips``) as ``[IMG] keyframe codes [/IMG] [MOV] motion codes [/MOV]`` per
-   clip, and its caption. The order - ``[video, caption]`` (understanding) or ``[caption, video]`` (generation) -
-   is drawn per sample: ``visual_first_prob`` is the probability of ``[video, caption]``; training draws it from
-   the stream's seeded RNG, validation from the sample key (so validation does not depend on how samples are
-   split over ranks and workers);
-2. text-only documents (``bos line eos``) stream from a local text file, one document per line
-   (``datamodules.line_streams``: each reader its share of the lines, shuffled within a bounded buffer);
-3. image-text pairs stream from a local JSONL the same way; each image is tokenised by the keyframe tokenizer
-   (``image_tokenizer_export``) when read;
-4. ``SourceMixer`` interleaves the sources by ``weights`` (counted in *documents*, not tokens);
-5. ``pack_documents`` packs them leak-free (position ids restart per document; no document is cut unless it
-   is longer than ``seq_len``).
-
-``VideoTokenView`` is the shared base of the LLM views (this one and stage 3's
-``datamodules.instruct_views.InstructionSequenceView``): the text tokenizer, the id layout, reading and checking
-token samples, and ``collate``; its arguments are one ``datamodules.token_source.TokenSource`` (``tokens`` in YAML).
-
-Keyframes (``keyframe_source``): ``"tokens"`` (default) reads each clip's keyframe ids from the token shards;
-``"none"`` drops them - each clip is ``[MOV] motion codes [/MOV]`` only, a reduced setting for runs without a
-trained keyframe tokenizer (the LLM then never sees ``[IMG]`` blocks). It is never chosen implicitly.
-
-Bad input: a corrupt member, ids outside the vocabulary's code ranges, a clip without motion (or keyframe) ids,
-or a clip the view selects that was not tokenised are counted skips by reason; token shards of other tokenizers
-(other code counts, or another exports fingerprint than ``tokenizer_exports``' when it is set) raise
-``TokenizerMismatchError`` at the first such sample - never a silent mix.
-
-Batch keys (``collate``; ``B`` rows of ``L = seq_len`` tokens):
-
-==================  ============================================================================
-``input_ids``       long [B, L]; padding is the tokenizer's pad id (unk for Llama)
-``labels``          long [B, L]; aligned with ``input_ids`` (the model shifts), -100 = no loss (padding,
-                    each document's first token)
-``position_ids``    long [B, L]; restart at 0 for every document and for the padding tail
-``document_ids``    long [B, L]; 0.. per document within the row, -1 on padding
-``modality``        long [B, L]; ``Vocabulary.modality_of(input_ids)`` (0 text, 1 keyframe, 2 motion,
-                    3 block markers). Since ``labels[i]`` is ``input_ids[i]`` wherever it is a target,
-                    this is also the modality of the target at position ``i`` (per-modality losses).
-``cu_seqlens``      int32 [segments + 1] over the flattened batch; ``max_seqlen`` int (flash-attention)
-==================  ============================================================================
-
-Call the model with ``input_ids``, ``position_ids`` and ``use_cache=False`` only (see ``sequences``:
-no 2-D attention mask, or documents leak into each other). Training is a shuffled stream (resampled
-shards, shuffled text, rows shuffled by the DataModule); validation is deterministic: every sample
-once, in shard order, each text line of ``val_text_corpus`` once.
+``VideoTokenView`` is the shared base of the LLM views (this module's ``PretrainSequenceView`` and stage 3's
+``datamodules.instruct_views.InstructionSequenceView``): tokenizer, id layout, checked token samples, and the
+batch keys (``VideoTokenView.collate``). ``PretrainSequenceView`` mixes video-text, image-text and text-only
+documents and packs them into rows without leaks between documents; its docstring lists the sources. Bad
+samples are counted skips; token shards of another tokenizer stop the run (``TokenizerMismatchError``).
 """
 
 from __future__ import annotations
@@ -106,8 +63,17 @@ class VideoTokenView(SampleView):
 
     Holds what every LLM stage shares: the text tokenizer, the id layout, reading and checking token samples
     (``token_sample``, ``video_tokens``), the image coder of the image sources and ``collate`` (the packed-row
-    batch keys of the module docstring). Subclasses (``PretrainSequenceView``,
+    batch keys of ``collate``). Subclasses (``PretrainSequenceView``,
     ``datamodules.instruct_views.InstructionSequenceView``) turn the ids into documents.
+
+    Keyframes (``keyframe_source``): ``"tokens"`` (default) reads each clip's keyframe ids from the token shards;
+    ``"none"`` drops them - each clip is ``[MOV] motion codes [/MOV]`` only, a reduced setting for runs without a
+    trained keyframe tokenizer (the LLM then never sees ``[IMG]`` blocks). It is never chosen implicitly.
+
+    Bad input: a corrupt member, ids outside the vocabulary's code ranges, a clip without motion (or keyframe)
+    ids, or a clip the view selects that was not tokenised are counted skips by reason; token shards of other
+    tokenizers (other code counts, or another exports fingerprint than ``tokenizer_exports``' when it is set)
+    raise ``TokenizerMismatchError`` at the first such sample - never a silent mix.
 
     Args:
         tokens: tokenizer, vocabulary, row length and packing, token shards' exports, keyframe source, image
@@ -190,6 +156,25 @@ class VideoTokenView(SampleView):
         return video_block_ids(keyframes, motions, self.vocabulary)
 
     def collate(self, examples: list[PackedRow]) -> dict:
+        """Packed rows -> a batch (``B`` rows of ``L = seq_len`` tokens) with these keys:
+
+        ==================  ========================================================================
+        ``input_ids``       long [B, L]; padding is the tokenizer's pad id (unk for Llama)
+        ``labels``          long [B, L]; aligned with ``input_ids`` (the model shifts), -100 = no loss
+                            (padding, each document's first token)
+        ``position_ids``    long [B, L]; restart at 0 for every document and for the padding tail
+        ``document_ids``    long [B, L]; 0.. per document within the row, -1 on padding
+        ``modality``        long [B, L]; ``Vocabulary.modality_of(input_ids)`` (0 text, 1 keyframe, 2 motion,
+                            3 block markers). Since ``labels[i]`` is ``input_ids[i]`` wherever it is a
+                            target, this is also the modality of the target at position ``i``
+                            (per-modality losses).
+        ``cu_seqlens``      int32 [segments + 1] over the flattened batch; ``max_seqlen`` int (flash-attention)
+        ==================  ========================================================================
+
+        Call the model with ``input_ids``, ``position_ids`` and ``use_cache=False`` only (see
+        ``videolavit.llm.sequences.collate_packed_rows``: no 2-D attention mask, or documents leak into each
+        other).
+        """
         batch = collate_packed_rows(examples)
         batch["modality"] = self.vocabulary.modality_of(batch["input_ids"])
         SKIPS.delivered()
@@ -198,7 +183,26 @@ class VideoTokenView(SampleView):
 
 
 class PretrainSequenceView(VideoTokenView):
-    """Packed video-text + image-text + text-only token rows for stage 2 (module docstring: sources, batch keys).
+    """Packed video-text + image-text + text-only token rows of exactly ``seq_len`` ids, for stage 2.
+
+    1. every token sample becomes one video-text *pair* document (``sequences.multimodal_pair``): its clips
+       (``SampleView.clip_starts`` on the video's I-frames: up to ``max_clips`` 24-frame clips, which the
+       tokenize job tokenised at its own ``--max-clips``) as ``[IMG] keyframe codes [/IMG] [MOV] motion codes
+       [/MOV]`` per clip, and its caption. The order - ``[video, caption]`` (understanding) or ``[caption,
+       video]`` (generation) - is drawn per sample: ``visual_first_prob`` is the probability of ``[video,
+       caption]``; training draws it from the stream's seeded RNG, validation from the sample key (so
+       validation does not depend on how samples are split over ranks and workers);
+    2. text-only documents (``bos line eos``) stream from a local text file, one document per line
+       (``datamodules.line_streams``: each reader its share of the lines, shuffled within a bounded buffer);
+    3. image-text pairs stream from a local JSONL the same way; each image is tokenised by the keyframe
+       tokenizer (``image_tokenizer_export``) when read;
+    4. ``SourceMixer`` interleaves the sources by ``weights`` (counted in *documents*, not tokens);
+    5. ``pack_documents`` packs them leak-free (position ids restart per document; no document is cut unless
+       it is longer than ``seq_len``).
+
+    Batch keys: ``VideoTokenView.collate``. Training is a shuffled stream (resampled shards, shuffled text,
+    rows shuffled by the DataModule); validation is deterministic: every sample once, in shard order, each
+    text line of ``val_text_corpus`` once.
 
     Args:
         tokens: what every LLM view shares (``TokenSource``: tokenizer, vocabulary, seq_len, exports, clips, ...).

@@ -10,10 +10,8 @@ One sample per source video:
 ``motion.npy``  per-frame macroblock motion grid, float16 [T, 2, rows, cols] (standardised, ×1)
 ==============  =================================================================================
 
-``decode_sample`` checks the contract before any view sees a sample: metadata that parses but lacks a
-field or has the wrong type (``bad_metadata``), a motion grid whose shape disagrees with the metadata
-(``corrupt_sample``), and non-finite motion values (``non_finite``: one NaN would train a NaN model) are
-counted skips naming the key, never a KeyError deep in a view.
+``decode_sample`` checks the contract before any view sees a sample: a sample that breaks it is a counted
+skip naming the key (one NaN in a motion grid would train a NaN model), never a KeyError deep in a view.
 """
 
 from __future__ import annotations
@@ -81,7 +79,8 @@ def _check_meta(key: str, meta) -> None:
 def decode_sample(raw: dict, need_video: bool = True) -> dict:
     """Parse a raw WebDataset sample and check it against the contract; raises ``VideoSkip`` with
     ``corrupt_sample`` (missing or unparsable member, motion grid not matching the metadata),
-    ``bad_metadata`` or ``non_finite``, naming the key and what is wrong.
+    ``bad_metadata`` (metadata that parses but lacks a field or has the wrong type) or ``non_finite``
+    (a NaN or infinity in the motion grid), naming the key and what is wrong.
 
     Returns ``{"key", "caption", "meta", "mp4" (bytes or None), "motion" (float16 ndarray)}``.
     ``need_video=False`` lets motion-only readers accept samples whose video member is unused.

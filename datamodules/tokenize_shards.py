@@ -3,26 +3,10 @@
 The LLM stages read code ids, never videos: running the release-size tokenizers inside their CPU data loaders
 would starve the GPUs by orders of magnitude. This job runs them once, ahead of training, on GPUs or CPU.
 
-* **Units.** Each input shard is one unit; it becomes one or more size-bounded token shards
-  (``<input stem>-NNN.tar``, one sample per video, under the video's key; format ``videolavit.llm.token_shards``),
-  written under ``OUT/.partial/<unit>/`` and renamed into ``OUT`` when the unit is finished, then recorded by a
-  marker ``OUT/.units/<unit>.json`` (written atomically, last). A rerun skips units whose marker and shards are
-  complete, so a killed job loses at most the units it was working on and never duplicates a video (a unit is
-  always rewritten whole, under the same names).
-* **Exports.** The fingerprint (``exports_fingerprint``: a hash of the export files) is in every marker, every
-  sample and the manifest; a rerun with other exports (or other settings) into the same ``OUT`` is refused.
-* **Parallelism.** Units are dealt round-robin to every process of the job: ``--part i/N`` jobs (any scheduler),
-  times the ranks of a ``torchrun``/``srun`` launch (``RANK``/``WORLD_SIZE``, or ``SLURM_PROCID``/
-  ``SLURM_NTASKS``), times the local ``devices`` (one process each). Nothing is shared but the output directory,
-  so nodes never wait for each other; every process rewrites ``OUT/manifest.json`` from all markers when it
-  finishes (under a lock), and the manifest says ``complete`` once every unit is done.
-* **Batching.** Videos are decoded (keyframes as RGB at the ViT's input size, motion fields at the tokenizer's
-  grid) by ``workers`` processes, and the tokenizers run on batches of ``batch_clips`` clips gathered across
-  videos, so a GPU stays busy whatever the clips per video. The keyframe tokenizer's random patch selection (tiny
-  exports sample it) is seeded per unit and batch: a rerun writes the same ids.
-* **Bad input.** A sample that cannot be decoded, or a video without a full clip, is a counted skip by reason
-  (``skipped`` in the markers and the manifest, with keys in ``OUT/skipped.jsonl``); a cut shard is counted as
-  ``truncated_shard`` and its intact samples are kept.
+Each input shard is a unit, published whole and then marked done, so a killed job reruns only the units it was
+working on and never duplicates a video; the exports' fingerprint is recorded everywhere, so a rerun with other
+exports is refused; units are dealt to every process (``--part``, launch ranks, devices) and nothing is shared
+but the output directory, so nodes never wait for each other. ``run_tokenize``'s docstring has the details.
 """
 
 from __future__ import annotations
@@ -394,7 +378,29 @@ def _spawned(cfg_dict: dict, device_index: int, results) -> None:
 
 
 def run_tokenize(cfg: TokenizeConfig) -> tuple[dict, dict]:
-    """Run (or resume) this job; returns (the manifest over every unit finished so far, this job's totals)."""
+    """Run (or resume) this job; returns (the manifest over every unit finished so far, this job's totals).
+
+    * **Units.** Each input shard is one unit; it becomes one or more size-bounded token shards
+      (``<input stem>-NNN.tar``, one sample per video, under the video's key; format ``videolavit.llm.token_shards``),
+      written under ``OUT/.partial/<unit>/`` and renamed into ``OUT`` when the unit is finished, then recorded by a
+      marker ``OUT/.units/<unit>.json`` (written atomically, last). A rerun skips units whose marker and shards are
+      complete, so a killed job loses at most the units it was working on and never duplicates a video (a unit is
+      always rewritten whole, under the same names).
+    * **Exports.** The fingerprint (``exports_fingerprint``: a hash of the export files) is in every marker, every
+      sample and the manifest; a rerun with other exports (or other settings) into the same ``OUT`` is refused.
+    * **Parallelism.** Units are dealt round-robin to every process of the job: ``--part i/N`` jobs (any scheduler),
+      times the ranks of a ``torchrun``/``srun`` launch (``RANK``/``WORLD_SIZE``, or ``SLURM_PROCID``/
+      ``SLURM_NTASKS``), times the local ``devices`` (one process each). Nothing is shared but the output directory,
+      so nodes never wait for each other; every process rewrites ``OUT/manifest.json`` from all markers when it
+      finishes (under a lock), and the manifest says ``complete`` once every unit is done.
+    * **Batching.** Videos are decoded (keyframes as RGB at the ViT's input size, motion fields at the tokenizer's
+      grid) by ``workers`` processes, and the tokenizers run on batches of ``batch_clips`` clips gathered across
+      videos, so a GPU stays busy whatever the clips per video. The keyframe tokenizer's random patch selection (tiny
+      exports sample it) is seeded per unit and batch: a rerun writes the same ids.
+    * **Bad input.** A sample that cannot be decoded, or a video without a full clip, is a counted skip by reason
+      (``skipped`` in the markers and the manifest, with keys in ``OUT/skipped.jsonl``); a cut shard is counted as
+      ``truncated_shard`` and its intact samples are kept.
+    """
     if not 0 <= cfg.part < cfg.num_parts:
         raise TokenizeError(f"--part {cfg.part}/{cfg.num_parts}: need 0 <= i < N")
     if not cfg.devices:

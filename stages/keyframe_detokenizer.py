@@ -1,33 +1,12 @@
 """Stage 1b (keyframes): train the keyframe detokenizer g_I on the ``keyframe`` view (docs/design.md §6).
 
-Each step: the frozen keyframe tokenizer turns the image into code ids (no gradient; the selection is drawn as
-at inference, ``eval_selection`` of the tokenizer export); ``KeyframeDetokenizer.conditioning`` turns the ids
-into the U-Net's condition (codebook and feature-decoder trunk frozen, condition heads trained); the image,
-resized to ``image_size``, is encoded into the frozen ``latent_space``; the U-Net is trained with the EDM-style
-denoising loss of ``videolavit.diffusion`` (scaling and weighting chosen together, see
-``videolavit.models.keyframe_detokenizer``).
-
-``init_from`` is the directory of a keyframe tokenizer export (``keyframe_tokenizer.*`` and
-``keyframe_feature_decoder.*`` from stage 1a): the tokenizer (with its ViT from ``backbone_weights`` or the
-file recorded in the export), the codebook and the feature decoder (trunk and condition heads) come from it.
-Frozen parts — ``tokenizer.*``, ``latent_space.*``, ``detokenizer.codebook.*`` and the decoder trunk — are kept
-out of the optimiser and out of checkpoints. A checkpoint records where the tokenizer export was and a
-fingerprint of it, so ``--ckpt_path last --model.init_from null`` rebuilds the frozen parts from there (and
-refuses an export that changed since). ``unet_weights`` (new runs only) starts the U-Net from a local SDXL
-``unet/`` directory's matching tensors.
-
-Batch keys (``keyframe`` view): ``image`` uint8 [B, 3, S, S] (S: any size; resized to the tokenizer's ViT size
-for the ids and to ``image_size`` for the target), ``caption``, ``key``, ``clip_start``.
-
-Logged: ``train/loss``, ``train/tokens_per_image``; validation (fixed seeds: the same noise, σ and token
-selection every time): ``val/loss``, ``val/tokens_per_image``, ``val/loss_other_codes`` (the same loss when each
-image is conditioned on the codes of the image half a batch away: the learning check, ``val/loss`` below it means
-the codes tell the U-Net about the image) and, on up to ``val_samples`` images per rank, ``val/psnr`` (dB,
-sampled reconstructions from the ids vs the inputs at ``image_size``). ``sample_videos``
-returns the reconstructions as 1-frame videos (``callbacks.video_samples.VideoSampleLogger``). Export at the
-end of ``fit``: ``keyframe_detokenizer.*`` with ``unet/`` (diffusers' ``UNet2DConditionModel``), ``scheduler/``
-and ``vae/`` (a VAE latent space) in ``export_dir`` (load with
-``videolavit.models.keyframe_detokenizer.load_keyframe_detokenizer``).
+g_I learns to draw an image from the code ids the frozen keyframe tokenizer gives it, with the token selection
+drawn as at inference, so at generation time the LLM's ids are what it was trained on. Only the condition heads
+and the U-Net train; the tokenizer, the codebook, the feature-decoder trunk and the latent space stay frozen, out
+of the optimiser and of the checkpoints, and a resumed run rebuilds them from the tokenizer export its checkpoint
+records (refusing one that changed since). ``val/loss_other_codes`` is the learning check: ``val/loss`` below it
+means the codes tell the U-Net about the image. The steps, batch keys, logs and exports are described in
+``KeyframeDetokenizerStage``'s docstring.
 """
 
 from __future__ import annotations
@@ -104,8 +83,39 @@ def check_tokenizer_export(directory: str | Path, argument: str = "init_from") -
 
 
 class KeyframeDetokenizerStage(StageModule):
-    """Args:
-        init_from: the keyframe tokenizer export directory (see the module docstring).
+    """Train g_I on the ``keyframe`` view, conditioned on the frozen keyframe tokenizer's code ids.
+
+    Each step: the frozen keyframe tokenizer turns the image into code ids (no gradient; the selection is drawn as
+    at inference, ``eval_selection`` of the tokenizer export); ``KeyframeDetokenizer.conditioning`` turns the ids
+    into the U-Net's condition (codebook and feature-decoder trunk frozen, condition heads trained); the image,
+    resized to ``image_size``, is encoded into the frozen ``latent_space``; the U-Net is trained with the EDM-style
+    denoising loss of ``videolavit.diffusion`` (scaling and weighting chosen together, see
+    ``videolavit.models.keyframe_detokenizer``).
+
+    ``init_from`` is the directory of a keyframe tokenizer export (``keyframe_tokenizer.*`` and
+    ``keyframe_feature_decoder.*`` from stage 1a): the tokenizer (with its ViT from ``backbone_weights`` or the file
+    recorded in the export), the codebook and the feature decoder (trunk and condition heads) come from it. Frozen
+    parts — ``tokenizer.*``, ``latent_space.*``, ``detokenizer.codebook.*`` and the decoder trunk — are kept out of
+    the optimiser and out of checkpoints. A checkpoint records where the tokenizer export was and a fingerprint of
+    it, so ``--ckpt_path last --model.init_from null`` rebuilds the frozen parts from there (and refuses an export
+    that changed since). ``unet_weights`` (new runs only) starts the U-Net from a local SDXL ``unet/`` directory's
+    matching tensors.
+
+    Batch keys (``keyframe`` view): ``image`` uint8 [B, 3, S, S] (S: any size; resized to the tokenizer's ViT size
+    for the ids and to ``image_size`` for the target), ``caption``, ``key``, ``clip_start``.
+
+    Logged: ``train/loss``, ``train/tokens_per_image``; validation (fixed seeds: the same noise, σ and token
+    selection every time): ``val/loss``, ``val/tokens_per_image``, ``val/loss_other_codes`` (the same loss when each
+    image is conditioned on the codes of the image half a batch away: the learning check, ``val/loss`` below it
+    means the codes tell the U-Net about the image) and, on up to ``val_samples`` images per rank, ``val/psnr`` (dB,
+    sampled reconstructions from the ids vs the inputs at ``image_size``). ``sample_videos`` returns the
+    reconstructions as 1-frame videos (``callbacks.video_samples.VideoSampleLogger``). Export at the end of ``fit``:
+    ``keyframe_detokenizer.*`` with ``unet/`` (diffusers' ``UNet2DConditionModel``), ``scheduler/`` and ``vae/`` (a
+    VAE latent space) in ``export_dir`` (load with
+    ``videolavit.models.keyframe_detokenizer.load_keyframe_detokenizer``).
+
+    Args:
+        init_from: the keyframe tokenizer export directory (see above).
         unet: U-Net sizes (SDXL's by default); ``in_channels`` must be the latent space's channels.
         diffusion: preconditioning, training noise, sampling schedule, guidance, condition dropout.
         latent_space: where the U-Net diffuses (frozen): ``PixelSpace`` (default) or ``VaeLatentSpace``.

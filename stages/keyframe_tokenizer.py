@@ -1,41 +1,14 @@
 """Stage 1 (keyframes): train the LaVIT dynamic keyframe tokenizer on the ``keyframe`` view (docs/design.md §6).
 
-What trains: the token selector, the token merger, the code projection (``encode_task_layer``), the
-L2-normalised codebook (by EMA, not by the optimiser) and the feature decoder, which reconstructs every
-patch feature of the **frozen** EVA-CLIP ViT from the codes (LaVIT's cosine objective plus the keep-ratio
-regulariser and the commitment term, see ``keyframe_tokenizer_loss``).
+The tokenizer learns to keep the semantics of a **frozen** EVA-CLIP ViT in a few discrete codes: the selector,
+merger, code projection, EMA codebook and feature decoder train to reconstruct every patch feature of the ViT
+(LaVIT's objective, ``keyframe_tokenizer_loss``). The ViT is never optimised and never checkpointed; it is
+loaded from its local file whenever the stage is built, resume included. Parts that belong to the exports but
+are trained by later stages (``vit_proj`` with the LLM, the U-Net condition heads with g_I) are frozen here.
 
-What does not: the ViT (``model.encoder.``) is frozen: never optimised, never in checkpoints
-(``frozen_prefixes``), and loaded from the local ``backbone_weights`` file every time the stage is built,
-resume included (the base's ``on_load_checkpoint`` fills the checkpoint's missing ``model.encoder.*`` from
-the freshly loaded backbone). ``backbone_weights: null`` means a seeded random ViT, allowed for tests and
-tiny runs only (it warns). ``model.vit_proj`` (continuous features for the LLM, trained with the LLM) and
-the decoder's U-Net condition heads (``unet_proj_1/2``, ``unet_attnpool``: trained with the keyframe
-detokenizer) are part of the exports but take no part in this objective, so they are not trained here
-(``requires_grad=False``; they stay in checkpoints and exports, and DDP sees no unused parameters).
-
-Batch keys (``keyframe`` view): ``image`` uint8 [B, 3, S, S] (S = the ViT's image size), ``key``,
-``clip_start``. Images become float in [0, 1]; the tokenizer applies the CLIP mean/std itself.
-
-Logged: ``train/loss``, ``train/reconstruction_loss`` (1 - cosine), ``train/keep_ratio_loss``,
-``train/commitment_loss``, ``train/keep_ratio`` (tokens kept per image / patches), ``train/tokens_per_image``,
-``train/codebook_usage`` and ``train/perplexity`` (this batch), plus ``train/<term>_loss`` for each optional
-term the loss config switches on (``weighted_reconstruction``, ``selector_deviation``, ``similarity``).
-Validation (selection as at inference): ``val/loss``, ``val/reconstruction_loss``, ``val/feature_cosine``
-(mean cosine between reconstructed and true ViT features over all patches), ``val/tokens_per_image``,
-``val/keep_ratio``, ``val/keep_prob`` (the selector's mean p(keep)), and ``val/codebook_usage`` /
-``val/perplexity`` over the whole validation epoch (all ranks).
-
-Selection outside training follows ``tokenizer.eval_selection``. Training draws Gumbel samples, so the
-selector learns p(keep) near the target ratio (1/3) and, for a long time, near it for *most* patches; the
-deterministic ``threshold`` mode (p >= 0.5) then keeps almost nothing (seen on the tiny run: 1 token per
-image against ~5.6 in training). ``val/keep_ratio`` far below ``val/keep_prob`` shows that mismatch; the
-release samples at inference (``eval_selection: sample``), which the experiment configs use.
-
-``predict`` returns per image ``{"key", "clip_start", "ids" [B, L] (-1 padded), "lengths" [B]}``. Exports
-(``export_dir``, at the end of ``fit``): ``keyframe_tokenizer`` (trained parts only, see
-``videolavit.models.keyframe_tokenizer_export``; load it with ``load_keyframe_tokenizer(dir,
-backbone_weights)``) and ``keyframe_feature_decoder`` (``load_export``).
+Selection outside training follows ``tokenizer.eval_selection``; the experiment configs sample, as the release
+does, because a selector trained on Gumbel samples keeps almost nothing under the deterministic threshold.
+What trains, batch keys, logs and exports: ``KeyframeTokenizerStage``'s docstring.
 """
 
 from __future__ import annotations
@@ -66,7 +39,7 @@ from videolavit.models.keyframe_tokenizer_loss import KeyframeTokenizerLossConfi
 
 DECODER_EXPORT_NAME = KEYFRAME_FEATURE_DECODER
 FROZEN_PREFIX = "model.encoder."
-# In the exports, but trained by later stages (see the module docstring).
+# In the exports, but trained by later stages (see KeyframeTokenizerStage's docstring).
 NOT_TRAINED_HERE = ("model.vit_proj.", "decoder.unet_proj_1.", "decoder.unet_proj_2.", "decoder.unet_attnpool.")
 CORE_TERMS = ("loss", "reconstruction", "keep_ratio", "commitment")  # logged in every run
 
@@ -101,7 +74,46 @@ def images_from_batch(batch: dict) -> torch.Tensor:
 
 
 class KeyframeTokenizerStage(StageModule):
-    """Args:
+    """Train the keyframe tokenizer and its feature decoder against the frozen ViT's patch features.
+
+    What trains: the token selector, the token merger, the code projection (``encode_task_layer``), the
+    L2-normalised codebook (by EMA, not by the optimiser) and the feature decoder, which reconstructs every patch
+    feature of the **frozen** EVA-CLIP ViT from the codes (LaVIT's cosine objective plus the keep-ratio regulariser
+    and the commitment term, see ``keyframe_tokenizer_loss``).
+
+    What does not: the ViT (``model.encoder.``) is frozen: never optimised, never in checkpoints
+    (``frozen_prefixes``), and loaded from the local ``backbone_weights`` file every time the stage is built, resume
+    included (the base's ``on_load_checkpoint`` fills the checkpoint's missing ``model.encoder.*`` from the freshly
+    loaded backbone). ``backbone_weights: null`` means a seeded random ViT, allowed for tests and tiny runs only (it
+    warns). ``model.vit_proj`` (continuous features for the LLM, trained with the LLM) and the decoder's U-Net
+    condition heads (``unet_proj_1/2``, ``unet_attnpool``: trained with the keyframe detokenizer) are part of the
+    exports but take no part in this objective, so they are not trained here (``requires_grad=False``; they stay in
+    checkpoints and exports, and DDP sees no unused parameters).
+
+    Batch keys (``keyframe`` view): ``image`` uint8 [B, 3, S, S] (S = the ViT's image size), ``key``,
+    ``clip_start``. Images become float in [0, 1]; the tokenizer applies the CLIP mean/std itself.
+
+    Logged: ``train/loss``, ``train/reconstruction_loss`` (1 - cosine), ``train/keep_ratio_loss``,
+    ``train/commitment_loss``, ``train/keep_ratio`` (tokens kept per image / patches), ``train/tokens_per_image``,
+    ``train/codebook_usage`` and ``train/perplexity`` (this batch), plus ``train/<term>_loss`` for each optional
+    term the loss config switches on (``weighted_reconstruction``, ``selector_deviation``, ``similarity``).
+    Validation (selection as at inference): ``val/loss``, ``val/reconstruction_loss``, ``val/feature_cosine`` (mean
+    cosine between reconstructed and true ViT features over all patches), ``val/tokens_per_image``,
+    ``val/keep_ratio``, ``val/keep_prob`` (the selector's mean p(keep)), and ``val/codebook_usage`` /
+    ``val/perplexity`` over the whole validation epoch (all ranks).
+
+    Selection outside training follows ``tokenizer.eval_selection``. Training draws Gumbel samples, so the selector
+    learns p(keep) near the target ratio (1/3) and, for a long time, near it for *most* patches; the deterministic
+    ``threshold`` mode (p >= 0.5) then keeps almost nothing (figures in docs/measurements.md). ``val/keep_ratio``
+    far below ``val/keep_prob`` shows that mismatch; the release samples at inference (``eval_selection: sample``),
+    which the experiment configs use.
+
+    ``predict`` returns per image ``{"key", "clip_start", "ids" [B, L] (-1 padded), "lengths" [B]}``. Exports
+    (``export_dir``, at the end of ``fit``): ``keyframe_tokenizer`` (trained parts only, see
+    ``videolavit.models.keyframe_tokenizer_export``; load it with ``load_keyframe_tokenizer(dir,
+    backbone_weights)``) and ``keyframe_feature_decoder`` (``load_export``).
+
+    Args:
         tokenizer: sizes of the tokenizer and its ViT (release: EVA-CLIP ViT-g/14, 16384x32 codes).
         decoder: sizes of the feature decoder (default: the release's, fitted to ``tokenizer``).
         loss: keep-ratio target and weight (paper: rho = 1/3) and the optional small-object terms

@@ -2,19 +2,10 @@
 
 One NaN in a batch makes the loss and every gradient NaN; an unguarded AdamW step then writes NaN into every
 weight and its moments, and an EMA codebook that updated during the forward pass keeps the NaN statistics.
-``NonFiniteStepGuard`` is what ``stages.base.StageModule`` runs around each optimizer step:
-
-* before the (first micro-batch's) forward it copies the module's buffers, because EMA codebooks, their
-  counters and batch-norm statistics change during the forward pass, before any loss exists;
-* it ANDs the finiteness of every loss that is back-propagated into this step;
-* before clipping and the step it checks the gradients (their max-abs, which is NaN or inf exactly when one
-  entry is), and every rank takes the same decision: the flag is reduced over the process group, because
-  FSDP2 ranks hold different gradient shards and only one of them may see the NaN;
-* a bad step is skipped by dropping every gradient (``zero_grad(set_to_none=True)``: AdamW leaves a
-  parameter without gradient alone, moments and weight decay included) and restoring the buffers. It still
-  counts as a step for the trainer, like a mixed-precision overflow step;
-* ``max_in_a_row`` bad steps in a row raise ``NonFiniteTrainingError``: the data or the recipe is broken, and
-  training on would only spend compute.
+``NonFiniteStepGuard`` is what ``stages.base.StageModule`` runs around each optimizer step: a bad step is
+skipped whole (gradients dropped, buffers restored, the same decision on every rank), and too many bad steps in
+a row stop training with ``NonFiniteTrainingError``, because then the data or the recipe is broken. How each
+part is done is in ``NonFiniteStepGuard``'s docstring.
 
 Under fp16 mixed precision a finite loss with inf gradients is the gradient scaler's own overflow, which it
 skips and recovers from by itself; such steps are neither counted nor touched here.
@@ -71,7 +62,19 @@ def gradients_are_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
 
 
 class NonFiniteStepGuard:
-    """State of the non-finite step check of one training module (see the module docstring).
+    """State of the non-finite step check of one training module (why: the module docstring).
+
+    * before the (first micro-batch's) forward it copies the module's buffers, because EMA codebooks, their
+      counters and batch-norm statistics change during the forward pass, before any loss exists;
+    * it ANDs the finiteness of every loss that is back-propagated into this step;
+    * before clipping and the step it checks the gradients (their max-abs, which is NaN or inf exactly when one
+      entry is), and every rank takes the same decision: the flag is reduced over the process group, because
+      FSDP2 ranks hold different gradient shards and only one of them may see the NaN;
+    * a bad step is skipped by dropping every gradient (``zero_grad(set_to_none=True)``: AdamW leaves a
+      parameter without gradient alone, moments and weight decay included) and restoring the buffers. It still
+      counts as a step for the trainer, like a mixed-precision overflow step;
+    * ``max_in_a_row`` bad steps in a row raise ``NonFiniteTrainingError``: the data or the recipe is broken, and
+      training on would only spend compute.
 
     ``any_rank`` turns this rank's "the step is bad" into "some rank's step is bad" (identity on one process).
     """

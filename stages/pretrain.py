@@ -6,53 +6,12 @@ rows of video-text pairs (both orders) and text-only documents (``datamodules.ll
 layout is ``Vocabulary`` (release: 49412 ids); the embedding matrix and ``lm_head`` are resized to it at
 construction (transformers 5: before the optimizer exists).
 
-**Learning rates.** The paper uses 2e-5 for the LLM and 5e-5 for "other" parameters. AdamW's update does
-not depend on the gradient's scale, so a per-row learning rate cannot be had by scaling gradients, and
-one tensor belongs to one parameter group. The stage therefore splits the vocabulary rows of both the
-input embedding and ``lm_head`` into two parameters (``SplitEmbedding`` / ``SplitLMHead``):
-
-* ``llm.model.embed_tokens.base`` / ``llm.lm_head.base``: rows ``[0, text_size)``, the pretrained text vocabulary;
-* ``llm.model.embed_tokens.new``  / ``llm.lm_head.new`` : rows ``[text_size, size)``, the new
-  ``[IMG]``/``[/IMG]``/keyframe/``[MOV]``/``[/MOV]``/motion rows (``NEW_ROW_PARAMETERS``),
-
-concatenated inside ``forward``. ``optimizer.extra_lr`` maps those two prefixes to 5e-5 (the default
-``optimizer`` does; a YAML that overrides ``optimizer`` must list them, see experiments/stage2_pretrain.yaml);
-everything else runs at ``optimizer.lr`` = 2e-5. The export joins the rows again, so the exported
-directory is a plain ``LlamaForCausalLM`` checkpoint. New rows start as in ``resize_token_embeddings``
-(mean of the old rows plus small noise); in a model built from a config all rows are random.
-
-**Loss and logs.** ``forward`` gets ``input_ids`` + ``position_ids`` with ``use_cache=False`` and no 2-D
-attention mask (packed documents stay separate, see ``videolavit.llm.sequences``). Loss = token-mean
-next-token cross-entropy over the labels (-100 ignored). Logged: ``train/loss``, per target modality
-``train/loss_text`` / ``train/loss_keyframe`` / ``train/loss_motion`` / ``train/loss_special`` (the four block
-markers), ``train/padding_fraction``; on validation the token-weighted ``val/loss`` and ``val/loss_<modality>``
-summed over all ranks. Throughput is Lightning's ``ThroughputMonitor`` callback (in the YAML configs, with
-``callbacks.batch_measures``): the stage sets ``flops_per_batch`` (``model_flops``, ``videolavit.llm.flops``)
-on every batch, so the monitor logs ``train/device/items_per_sec`` (target tokens), ``.../samples_per_sec``,
-``.../flops_per_sec`` and, on GPUs it knows, ``train/device/mfu`` (all-rank totals without ``device/``).
-
-**Scale.** No rank holds the whole model. With ``llm_path`` the LLM is built on the meta device in
-``__init__``; ``configure_model`` shards it (with Lightning's ``ModelParallelStrategy``, which sets
-``self.device_mesh``: FSDP2 ``fully_shard`` on every decoder layer and then the whole LLM over the
-``data_parallel`` mesh dimension; tensor parallelism is not implemented, ``tensor_parallel_size`` must be
-1; optionally a bf16 parameter ``MixedPrecisionPolicy``) and then ``materialize`` gives each shard storage
-on the strategy's device and reads into it only its own rows of the safetensors files
-(``videolavit.llm.sharded_weights``), in ``load_dtype``. ``init_from`` set before that (a trainer's order:
-``setup`` runs first) replaces the weights source; resuming (``--ckpt_path``) skips the read, the
-checkpoint restores every weight. Outside a trainer call ``configure_model()`` (or ``materialize()``)
-before using the model. ``llm_config`` models (tiny runs) are initialised randomly and in full at
-construction, identically on every rank under the same seed. Activation checkpointing (non-reentrant)
-is the decoder layers' own (``gradient_checkpointing_enable``). Under FSDP2 every rank must run the same
-number of forward passes: give every rank the same number of validation batches (``limit_val_batches``).
-
-**Export** (``export_dir``, at the end of ``fit``; or ``export(dir)``, on every rank): one parameter at a
-time is gathered and handed to rank 0, which keeps it in ``export_dtype`` until its safetensors file
-(about 2 GB each, with an index) is written; then config, tokenizer and ``videolavit_vocabulary.json``.
-The tokenizer gets ``[IMG]`` ``[/IMG]`` ``[MOV]`` ``[/MOV]`` as named special tokens at their vocabulary
-ids and the conversation format as its chat template (``export_tokenizer``), so
-``AutoTokenizer.from_pretrained(dir).apply_chat_template(...)`` renders the instruct stage's prompts.
-``transformers.AutoModelForCausalLM.from_pretrained(dir, dtype="auto")`` loads it as is (``use_cache`` back
-on; without ``dtype`` transformers 4.x upcasts to float32).
+The paper trains the new vocabulary rows at a higher learning rate than the LLM, which AdamW cannot do by
+scaling gradients, so the stage splits those rows into their own parameters (docs/design.md §8) and joins
+them again at export: the exported directory is a plain ``LlamaForCausalLM`` checkpoint with the tokenizer
+and ``videolavit_vocabulary.json``. No rank ever holds the whole model: it is built on the meta device,
+sharded with FSDP2 and each rank reads only its own rows of the weight files (docs/design.md §10).
+Learning rates, losses and logs, sharding and export in detail: ``PretrainStage``'s docstring.
 """
 
 from __future__ import annotations
@@ -226,7 +185,56 @@ def join_vocabulary_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 # -------------------------------------------------------------------------------- the stage
 class PretrainStage(StageModule):
-    """Args:
+    """Stage 2: next-token pre-training of a ``LlamaForCausalLM`` over packed multimodal rows.
+
+    **Learning rates** (why: docs/design.md §8). The stage splits the vocabulary rows of both the input embedding
+    and ``lm_head`` into two parameters (``SplitEmbedding`` / ``SplitLMHead``):
+
+    * ``llm.model.embed_tokens.base`` / ``llm.lm_head.base``: rows ``[0, text_size)``, the pretrained text
+      vocabulary;
+    * ``llm.model.embed_tokens.new``  / ``llm.lm_head.new`` : rows ``[text_size, size)``, the new
+      ``[IMG]``/``[/IMG]``/keyframe/``[MOV]``/``[/MOV]``/motion rows (``NEW_ROW_PARAMETERS``),
+
+    concatenated inside ``forward``. ``optimizer.extra_lr`` maps those two prefixes to 5e-5 (the default
+    ``optimizer`` does; a YAML that overrides ``optimizer`` must list them, see experiments/stage2_pretrain.yaml);
+    everything else runs at ``optimizer.lr`` = 2e-5. The export joins the rows again, so the exported directory is a
+    plain ``LlamaForCausalLM`` checkpoint. New rows start as in ``resize_token_embeddings`` (mean of the old rows
+    plus small noise); in a model built from a config all rows are random.
+
+    **Loss and logs.** ``forward`` gets ``input_ids`` + ``position_ids`` with ``use_cache=False`` and no 2-D
+    attention mask (packed documents stay separate, see ``videolavit.llm.sequences``). Loss = token-mean next-token
+    cross-entropy over the labels (-100 ignored). Logged: ``train/loss``, per target modality ``train/loss_text`` /
+    ``train/loss_keyframe`` / ``train/loss_motion`` / ``train/loss_special`` (the four block markers),
+    ``train/padding_fraction``; on validation the token-weighted ``val/loss`` and ``val/loss_<modality>`` summed
+    over all ranks. Throughput is Lightning's ``ThroughputMonitor`` callback (in the YAML configs, with
+    ``callbacks.batch_measures``): the stage sets ``flops_per_batch`` (``model_flops``, ``videolavit.llm.flops``) on
+    every batch, so the monitor logs ``train/device/items_per_sec`` (target tokens), ``.../samples_per_sec``,
+    ``.../flops_per_sec`` and, on GPUs it knows, ``train/device/mfu`` (all-rank totals without ``device/``).
+
+    **Scale.** No rank holds the whole model. With ``llm_path`` the LLM is built on the meta device in ``__init__``;
+    ``configure_model`` shards it (with Lightning's ``ModelParallelStrategy``, which sets ``self.device_mesh``:
+    FSDP2 ``fully_shard`` on every decoder layer and then the whole LLM over the ``data_parallel`` mesh dimension;
+    tensor parallelism is not implemented, ``tensor_parallel_size`` must be 1; optionally a bf16 parameter
+    ``MixedPrecisionPolicy``) and then ``materialize`` gives each shard storage on the strategy's device and reads
+    into it only its own rows of the safetensors files (``videolavit.llm.sharded_weights``), in ``load_dtype``.
+    ``init_from`` set before that (a trainer's order: ``setup`` runs first) replaces the weights source; resuming
+    (``--ckpt_path``) skips the read, the checkpoint restores every weight. Outside a trainer call
+    ``configure_model()`` (or ``materialize()``) before using the model. ``llm_config`` models (tiny runs) are
+    initialised randomly and in full at construction, identically on every rank under the same seed. Activation
+    checkpointing (non-reentrant) is the decoder layers' own (``gradient_checkpointing_enable``). Under FSDP2 every
+    rank must run the same number of forward passes: give every rank the same number of validation batches
+    (``limit_val_batches``).
+
+    **Export** (``export_dir``, at the end of ``fit``; or ``export(dir)``, on every rank): one parameter at a time
+    is gathered and handed to rank 0, which keeps it in ``export_dtype`` until its safetensors file (about 2 GB
+    each, with an index) is written; then config, tokenizer and ``videolavit_vocabulary.json``. The tokenizer gets
+    ``[IMG]`` ``[/IMG]`` ``[MOV]`` ``[/MOV]`` as named special tokens at their vocabulary ids and the conversation
+    format as its chat template (``export_tokenizer``), so
+    ``AutoTokenizer.from_pretrained(dir).apply_chat_template(...)`` renders the instruct stage's prompts.
+    ``transformers.AutoModelForCausalLM.from_pretrained(dir, dtype="auto")`` loads it as is (``use_cache`` back on;
+    without ``dtype`` transformers 4.x upcasts to float32).
+
+    Args:
         tokenizer_path: local directory of the text tokenizer (``vocabulary.text_size`` ids).
         vocabulary: the id layout (release: text 32000, keyframe 16384, motion 1024 -> 49412 ids).
         llm_path: local Hugging Face directory of the initial LLM (e.g. Llama-2-7B); no downloads.

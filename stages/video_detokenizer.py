@@ -1,7 +1,4 @@
-"""Stage 1b: train the video detokenizer g_V (keyframe + motion -> clip) on the ``video`` view.
-
-Batch keys: ``frames`` uint8 [B, T, 3, H, W], ``keyframe`` uint8 [B, 3, H, W], ``motion`` float32
-[B, 2, T, gh, gw] (at the view's ``scale``), ``caption`` list[str], ``key``.
+"""Stage 1b: train the video detokenizer g_V (keyframe + motion -> clip) on the ``video`` view (docs/design.md §7).
 
 Frozen and never checkpointed: the latent space (a VAE from a local directory, or pixels) and the motion
 tokenizer from ``init_from`` (the stage-1a export directory). By default the U-Net is conditioned on the
@@ -9,15 +6,8 @@ tokenizer's reconstruction of each clip's motion, ``decode(encode(motion))``, wh
 inference when the motion tokens come from the LLM; ``motion_source: raw`` conditions on the extracted
 field itself (at the view's scale: set ``detokenizer.motion_gain`` to match). A resumed run
 (``--ckpt_path``, no ``init_from``) reloads the tokenizer from the directory recorded in the checkpoint.
-
-Logged: ``train/loss``; ``val/loss`` (fixed per-batch seeds for σ, noise and augmentation, so values are
-comparable across validations) and ``val/loss_other_motion`` (the same, each clip conditioned on another
-clip's motion: it exceeds ``val/loss`` once the U-Net follows the motion); at the end of each validation
-(rank 0, the first ``direction_clips`` clips) ``val/direction_agreement`` — the share of reconstructed
-clips whose measured motion direction (``measure_motion``: our MPEG-4 re-encode) is the conditioning
-field's dominant direction — and ``val/direction_agreement_input``, the same measure on the real frames
-(its ceiling).
-``sample_videos(batch)`` reconstructs a batch's clips for ``VideoSampleLogger`` / ``VideoGenerationMetrics``.
+``val/loss_other_motion`` and ``val/direction_agreement`` check that the U-Net follows the motion; batch keys
+and logs: ``VideoDetokenizerStage``'s docstring.
 """
 
 from __future__ import annotations
@@ -51,7 +41,20 @@ PIXEL_SPACE = {"class_path": "videolavit.models.latent_space.PixelSpace", "init_
 
 
 class VideoDetokenizerStage(StageModule):
-    """Args:
+    """Train g_V on the ``video`` view: each clip reconstructed from its keyframe and its motion.
+
+    Batch keys: ``frames`` uint8 [B, T, 3, H, W], ``keyframe`` uint8 [B, 3, H, W], ``motion`` float32
+    [B, 2, T, gh, gw] (at the view's ``scale``), ``caption`` list[str], ``key``.
+
+    Logged: ``train/loss``; ``val/loss`` (fixed per-batch seeds for σ, noise and augmentation, so values are
+    comparable across validations) and ``val/loss_other_motion`` (the same, each clip conditioned on another clip's
+    motion: it exceeds ``val/loss`` once the U-Net follows the motion); at the end of each validation (rank 0, the
+    first ``direction_clips`` clips) ``val/direction_agreement`` — the share of reconstructed clips whose measured
+    motion direction (``measure_motion``: our MPEG-4 re-encode) is the conditioning field's dominant direction — and
+    ``val/direction_agreement_input``, the same measure on the real frames (its ceiling). ``sample_videos(batch)``
+    reconstructs a batch's clips for ``VideoSampleLogger`` / ``VideoGenerationMetrics``.
+
+    Args:
         detokenizer: every size of g_V (the release model by default; see experiments/*.yaml).
         latent_space: ``{"class_path", "init_args"}`` of the frozen latent space (``PixelSpace`` or
             ``VaeLatentSpace`` with a local directory).

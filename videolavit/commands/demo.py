@@ -1,24 +1,14 @@
 """``python -m videolavit demo``: the whole Video-LaVIT chain on the embedded synthetic corpus, on a laptop CPU.
 
-1. synthesise the moving-shapes corpus (training seed 0 with 8 stills per video for the LLM stages' image
-   sources, held-out seed 1) and ``prepare`` shards;
-2. run every stage's tiny config through ``python -m videolavit fit --config experiments/tiny/...`` (the path
-   users run), each stage reading the exports of the ones it needs from ``runs/tiny/exports``: motion
-   tokenizer, keyframe tokenizer, keyframe detokenizer, video detokenizer, pre-training (validated once before
-   training too: the caption-loss baseline), instruction tuning. Between the tokenizers and the LLM stages,
-   ``python -m videolavit tokenize`` runs the frozen tokenizers once over both splits; pre-training and
-   instruction tuning read its token shards (``runs/tiny/data/tokens_{train,val}``);
-3. answer the held-out questions with ``chat --qa-file`` and generate one video per held-out caption with
-   ``generate --prompts-file``, measuring the direction of motion in each generated mp4 with our own
-   decomposition;
-4. write ``report.json`` + ``report.md``: every stage's final metrics and the learning checks against their
-   baselines (zero motion, the untrained model, chance), and when each job ran on which lane.
+It synthesises the moving-shapes corpus, trains every stage through its tiny config with the same
+``python -m videolavit fit`` command users run, answers held-out questions, generates held-out videos and writes
+``report.json`` + ``report.md`` with each stage's learning check against its baseline (zero motion, the untrained
+model, chance): one command shows that information flows through the chain (the steps: ``run``'s docstring).
 
 Steps 1-3 are jobs of a dependency graph (``NEEDS``) run on ``--jobs`` lanes (default 2): each job is one
 single-threaded process at a time, so on 2 cores two independent stages (the two tokenizers; a detokenizer next
 to pre-training) train side by side. ``--jobs 1`` runs them one after another in the listed order.
 ``--from-stage X`` reruns X and every job downstream of it; the other stages' exports must already exist.
-
 Everything is written under ``WORKDIR/runs/tiny`` (``--workdir``, default the current directory; the tiny
 configs use paths relative to it; one log per command under ``runs/tiny/logs``). ``--smoke`` runs a
 seconds-scale version (8 + 4 videos, a few steps per stage) for CI: it checks that every export loads into the
@@ -443,6 +433,22 @@ def _shown_path(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The demo's steps:
+
+    1. synthesise the moving-shapes corpus (training seed 0 with 8 stills per video for the LLM stages' image
+       sources, held-out seed 1) and ``prepare`` shards;
+    2. run every stage's tiny config through ``python -m videolavit fit --config experiments/tiny/...`` (the path
+       users run), each stage reading the exports of the ones it needs from ``runs/tiny/exports``: motion
+       tokenizer, keyframe tokenizer, keyframe detokenizer, video detokenizer, pre-training (validated once before
+       training too: the caption-loss baseline), instruction tuning. Between the tokenizers and the LLM stages,
+       ``python -m videolavit tokenize`` runs the frozen tokenizers once over both splits; pre-training and
+       instruction tuning read its token shards (``runs/tiny/data/tokens_{train,val}``);
+    3. answer the held-out questions with ``chat --qa-file`` and generate one video per held-out caption with
+       ``generate --prompts-file``, measuring the direction of motion in each generated mp4 with our own
+       decomposition;
+    4. write ``report.json`` + ``report.md``: every stage's final metrics and the learning checks against their
+       baselines (zero motion, the untrained model, chance), and when each job ran on which lane.
+    """
     started = time.time()
     if args.jobs < 1:
         raise SystemExit(f"demo: --jobs must be >= 1, got {args.jobs}")

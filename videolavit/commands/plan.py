@@ -6,15 +6,9 @@ without activation checkpointing) at the config's micro-batch (global ``data.bat
 per optimizer step (``videolavit.llm.flops``), the step time and wall days at 40% and 50% MFU, and the
 tokens per second the data loader must deliver per GPU. ``--nodes`` / ``--gpus-per-node`` keep the global
 batch and the micro-batch and change the gradient accumulation. The last line is one JSON object.
-
-LLM stages (FSDP2): the architecture comes from ``llm_path``'s config.json when that directory exists,
-else from ``llm_config``, else (labelled) Llama-2-7B's shape with the config's vocabulary. Stage-1 stages
-(DDP): each rank holds the whole model, its gradients, DDP's gradient buckets and the optimizer state;
-the networks are built on the meta device from the YAML to count them exactly (frozen parts whose files
-are absent here are sized from the experiments config that writes them, or not counted, and the output
-says so). Their activations are the peak of one training step's forward and backward at the
-micro-batch, run on fake tensors (``stage_step_memory``), with the U-Nets' activation checkpointing on
-and off. ``--all`` plans every experiments/stage*.yaml and ends with a table and one JSON line.
+LLM stages are planned as FSDP2 (``plan_llm``), stage-1 stages as DDP with activations run on fake tensors
+(``plan_ddp``); their docstrings say where each number comes from. ``--all`` plans every
+experiments/stage*.yaml and ends with a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -133,6 +127,11 @@ def _seq_len(config: dict) -> int:
 
 
 def plan_llm(config: dict, layout: dict, args: argparse.Namespace) -> dict:
+    """Plan of an LLM stage (FSDP2).
+
+    The architecture comes from ``llm_path``'s config.json when that directory exists, else from ``llm_config``,
+    else (labelled) Llama-2-7B's shape with the config's vocabulary.
+    """
     import torch
 
     from videolavit.llm.flops import training_flops_per_token
@@ -254,6 +253,14 @@ def _meta_stage(model_section: dict, config_path: str):
 
 
 def plan_ddp(config: dict, layout: dict, args: argparse.Namespace) -> dict:
+    """Plan of a stage-1 stage (DDP).
+
+    Each rank holds the whole model, its gradients, DDP's gradient buckets and the optimizer state; the networks are
+    built on the meta device from the YAML to count them exactly (frozen parts whose files are absent here are sized
+    from the experiments config that writes them, or not counted, and the output says so). Their activations are the
+    peak of one training step's forward and backward at the micro-batch, run on fake tensors
+    (``stage_step_memory``), with the U-Nets' activation checkpointing on and off.
+    """
     from videolavit.commands.stage_step_memory import stage_step_memory
 
     class_path = str(config["model"].get("class_path", ""))

@@ -1,13 +1,9 @@
 """Decoding constraints for visual generation, and classifier-free guidance (CFG) for the LLM.
 
-The release generates a clip in two ``generate`` calls: keyframe codes after ``[IMG]`` until
-``[/IMG]`` (text and motion ids suppressed), then motion codes after ``[MOV]`` until ``[/MOV]``
-(everything below ``[MOV]`` suppressed), and afterwards truncates or pads (with code 0) the motion
-codes to the fixed 135 the video detokenizer needs. ``VisualBlockConstraint`` does the same in one
-pass and (ours) makes the motion length exact by construction: inside ``[MOV]`` only motion codes are
-allowed until ``motion_length`` of them are out, then ``[/MOV]`` is forced. With ``motion_min_length``
-set it is the release's instead: ``[/MOV]`` may come once that many codes are out (its
-``min_new_tokens``), and is forced at ``motion_max_length``; the caller pads or truncates.
+The release generates a clip in two ``generate`` calls, each with suppression lists, and then truncates or pads
+the motion codes to the fixed 135 the video detokenizer needs. ``VisualBlockConstraint`` does the same in one
+pass and (ours) makes the motion length exact by construction; the release's variable length is an option
+(details in its docstring).
 
 Processors are plain callables ``(input_ids [B, T] long, scores [B, V] float) -> scores`` on torch
 tensors, so they work in a hand-written sampling loop and inside ``transformers``'
@@ -57,6 +53,15 @@ class VisualBlockConstraint:
 
     The state of each row is read from its ids (the latest marker wins), so the processor is
     stateless and a batch may have rows in different blocks.
+
+    The release generates a clip in two ``generate`` calls: keyframe codes after ``[IMG]`` until ``[/IMG]``
+    (text and motion ids suppressed), then motion codes after ``[MOV]`` until ``[/MOV]`` (everything below
+    ``[MOV]`` suppressed), and afterwards truncates or pads (with code 0) the motion codes to the fixed 135 the
+    video detokenizer needs. This processor does the same in one pass and (ours) makes the motion length exact
+    by construction: inside ``[MOV]`` only motion codes are allowed until ``motion_length`` of them are out,
+    then ``[/MOV]`` is forced. With ``motion_min_length`` set it is the release's instead: ``[/MOV]`` may come
+    once that many codes are out (its ``min_new_tokens``), and is forced at ``motion_max_length``; the caller
+    pads or truncates.
     """
 
     def __init__(self, vocab: Vocabulary, motion_length: int = MOTION_LENGTH, keyframe_min_length: int = 1,

@@ -7,24 +7,10 @@ Conventions (shared with ``conversation``):
 * Visual content enters the LLM as discrete ids (``Vocabulary``), never through the text tokenizer.
 * A video is a sequence of clips, each ``[IMG] keyframe codes [/IMG] [MOV] motion codes [/MOV]``.
 
-Packing contract with transformers 5.23 ``LlamaForCausalLM`` (checked by tests/test_sequences.py):
-
-* Rows carry ``position_ids`` that restart at 0 for every document (and for the padding tail).
-* Path A (default; attention implementations that build their own mask: ``sdpa``, ``eager``,
-  ``flex_attention``): pass ``input_ids``, ``position_ids``, ``use_cache=False`` and **no**
-  ``attention_mask``. ``masking_utils.find_packed_sequence_indices`` then detects the restarts and
-  builds a block-causal mask. Two silent failure modes, both leaking documents into each other:
-  a 2-D all-ones ``attention_mask``, and a KV cache - ``LlamaModel`` creates a ``DynamicCache``
-  whenever ``use_cache`` is true, which is the config default even in train mode, and detection
-  only runs without a cache. Training code must set ``config.use_cache = False`` (or pass it).
-* Path B (explicit, independent of the cache): pass
-  ``attention_mask=additive_attention_mask(block_causal_mask(document_ids), model_dtype)``, a float
-  ``[B, 1, L, L]`` tensor (0 = attend, dtype-min = blocked); 4-D masks are used as given. A
-  *boolean* 4-D mask is only right for ``sdpa`` - ``eager`` adds the mask to the scores, so it must
-  be additive. Position ids must still be passed (RoPE). Costs O(B L^2) memory for the mask.
-* Flash-attention kernels take ``cu_seqlens`` (cumulative segment lengths over the flattened batch)
-  as ``cu_seq_lens_q/k`` with ``max_length_q/k``; transformers also derives them from restarting
-  ``position_ids`` when the batch is flattened to one row. (Not exercised on CPU.)
+Packed rows restart ``position_ids`` at 0 for every document, and transformers builds a block-causal mask
+from the restarts only without a 2-D attention mask and without a KV cache: either one silently lets packed
+documents attend to each other. ``collate_packed_rows``' docstring gives the contract with
+``LlamaForCausalLM`` (checked by tests/test_sequences.py) and the explicit-mask alternative.
 """
 
 from __future__ import annotations
@@ -320,12 +306,31 @@ def additive_attention_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.fl
 
 def collate_packed_rows(rows: Sequence[PackedRow], attention: Literal["position_ids", "additive"] = "position_ids",
                         dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor | int]:
-    """Stack rows into a batch for ``LlamaForCausalLM(**batch)`` (see the module docstring).
+    """Stack rows into a batch for ``LlamaForCausalLM(**batch)``.
 
     Returns input_ids / labels / position_ids / document_ids ``[B, L]``, ``cu_seqlens`` over the
     flattened batch (int32) and ``max_seqlen``; with ``attention="additive"`` also the ``[B, 1, L, L]``
     ``attention_mask``. ``document_ids``, ``cu_seqlens`` and ``max_seqlen`` are not model arguments:
     pop them (or map them to flash-attention kwargs) before calling the model.
+
+    Packing contract with transformers 5.23 ``LlamaForCausalLM`` (checked by tests/test_sequences.py):
+
+    * Rows carry ``position_ids`` that restart at 0 for every document (and for the padding tail).
+    * Path A (default; attention implementations that build their own mask: ``sdpa``, ``eager``,
+      ``flex_attention``): pass ``input_ids``, ``position_ids``, ``use_cache=False`` and **no**
+      ``attention_mask``. ``masking_utils.find_packed_sequence_indices`` then detects the restarts and
+      builds a block-causal mask. Two silent failure modes, both leaking documents into each other:
+      a 2-D all-ones ``attention_mask``, and a KV cache - ``LlamaModel`` creates a ``DynamicCache``
+      whenever ``use_cache`` is true, which is the config default even in train mode, and detection
+      only runs without a cache. Training code must set ``config.use_cache = False`` (or pass it).
+    * Path B (explicit, independent of the cache): pass
+      ``attention_mask=additive_attention_mask(block_causal_mask(document_ids), model_dtype)``, a float
+      ``[B, 1, L, L]`` tensor (0 = attend, dtype-min = blocked); 4-D masks are used as given. A
+      *boolean* 4-D mask is only right for ``sdpa`` - ``eager`` adds the mask to the scores, so it must
+      be additive. Position ids must still be passed (RoPE). Costs O(B L^2) memory for the mask.
+    * Flash-attention kernels take ``cu_seqlens`` (cumulative segment lengths over the flattened batch)
+      as ``cu_seq_lens_q/k`` with ``max_length_q/k``; transformers also derives them from restarting
+      ``position_ids`` when the batch is flattened to one row. (Not exercised on CPU.)
     """
     if not rows:
         raise ValueError("no rows")

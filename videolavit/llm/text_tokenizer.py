@@ -6,14 +6,9 @@ tokenizer has exactly the vocabulary's text ids: a larger tokenizer would emit i
 ``[IMG]`` and the keyframe codes, a smaller one means the wrong tokenizer directory.
 
 The LLM stages' exports add the four block markers as named special tokens at their vocabulary ids
-(``with_block_markers``: ``[IMG]`` = ``text_size``, ``[/IMG]``, ``[MOV]``, ``[/MOV]``), so that
-``convert_tokens_to_ids("[MOV]")`` and ``decode`` agree with the model's rows. ``[MOV]`` lies past the
-keyframe codes, which have no names: the markers (and any added token already there) are entered in the
-BPE model's vocabulary with their ids (an added-token table can only append ids) and registered as
-special tokens on top. No merge
-produces them, so text ids do not change; with ``split_special_tokens=True`` (what
-``conversation`` uses) a literal "[IMG]" typed by a user stays text. Loading accepts tokenizers with
-or without the markers (exports written before them still load).
+(``with_block_markers``), so that ``convert_tokens_to_ids("[MOV]")`` and ``decode`` agree with the model's
+rows; no merge produces them, so text ids do not change, and a literal "[IMG]" typed by a user stays text.
+Loading accepts tokenizers with or without the markers (exports written before them still load).
 
 Nothing here touches the network: ``AutoTokenizer`` is called with ``local_files_only=True``.
 """
@@ -67,6 +62,12 @@ def with_block_markers(tokenizer: PreTrainedTokenizerBase, vocab: Vocabulary) ->
 
     Needs a fast tokenizer with a BPE model (Llama's and the tiny one): its vocabulary is a name -> id map
     that may skip ids (the keyframe codes between ``[/IMG]`` and ``[MOV]``). Idempotent.
+
+    ``[IMG]`` is ``text_size``, then ``[/IMG]``; ``[MOV]`` lies past the keyframe codes, which have no names, so
+    the markers (and any added token already there) are entered in the BPE model's vocabulary with their ids (an
+    added-token table can only append ids) and registered as special tokens on top. No merge produces them, so
+    text ids do not change; with ``split_special_tokens=True`` (what ``conversation`` uses) a literal "[IMG]"
+    typed by a user stays text.
     """
     check_text_ids(tokenizer, vocab)
     markers = block_marker_ids(vocab)

@@ -1,24 +1,12 @@
 """The token shard sample contract between the tokenize job (writer) and the LLM views (readers); docs/design.md §3.
 
-One WebDataset sample per source video, under the video shard's key:
-
-==================  ==========================================================================================
-``__key__``         the prepared shard's key (sanitised source id)
-``txt``             caption, UTF-8
-``json``            ``{"source_id", "fps", "num_frames", "iframes", "width", "height", "clip_starts",
-                    "motion_tokens" (motion ids per clip), "keyframe_lengths" (keyframe ids per clip, or null
-                    without keyframe codes), "codes": {"fingerprint", "motion_codes", "visual_codes" (null
-                    without keyframe codes)}}``
-``ids.npy``         one packed 1-D uint16 array (int32 above 65536 codes): the clips' motion ids (clips x
-                    ``motion_tokens``, clip by clip), then every clip's keyframe ids, concatenated (variable length
-                    per clip: ``keyframe_lengths`` are the offsets)
-==================  ==========================================================================================
-
-Clips are those of ``clip_starts`` (``select_clip_starts`` at the job's ``max_clips``), in time order; codes, not
-LLM ids, so the shards do not depend on the text vocabulary. ``decode_token_sample`` checks every field against
-the reader's vocabulary: a corrupt member, ids outside the codebook or a clip without motion ids is a
-``TokenSampleSkip`` (a counted skip), shards of another tokenizer (code counts or fingerprint) a
-``TokenizerMismatchError`` - never a silent mix.
+One WebDataset sample per source video, under the video shard's key, holding the caption, the metadata and
+one packed array of the clips' codes (members: ``encode_token_sample``'s docstring). Clips are those of
+``clip_starts`` (``select_clip_starts`` at the job's ``max_clips``), in time order; codes, not LLM ids, so the
+shards do not depend on the text vocabulary. ``decode_token_sample`` checks every field against the reader's
+vocabulary: a corrupt member, ids outside the codebook or a clip without motion ids is a ``TokenSampleSkip``
+(a counted skip), shards of another tokenizer (code counts or fingerprint) a ``TokenizerMismatchError`` -
+never a silent mix.
 """
 
 from __future__ import annotations
@@ -66,7 +54,22 @@ def _npy(array: np.ndarray) -> bytes:
 def encode_token_sample(key: str, caption: str, meta: dict, clip_starts: list[int], motions: np.ndarray,
                         keyframes: list[np.ndarray] | None, fingerprint: str, motion_codes: int,
                         visual_codes: int | None) -> dict[str, bytes]:
-    """The tar members of one video (see the module docstring)."""
+    """The tar members of one video.
+
+    One WebDataset sample per source video, under the video shard's key:
+
+    ==================  ======================================================================================
+    ``__key__``         the prepared shard's key (sanitised source id)
+    ``txt``             caption, UTF-8
+    ``json``            ``{"source_id", "fps", "num_frames", "iframes", "width", "height", "clip_starts",
+                        "motion_tokens" (motion ids per clip), "keyframe_lengths" (keyframe ids per clip, or
+                        null without keyframe codes), "codes": {"fingerprint", "motion_codes", "visual_codes"
+                        (null without keyframe codes)}}``
+    ``ids.npy``         one packed 1-D uint16 array (int32 above 65536 codes): the clips' motion ids (clips x
+                        ``motion_tokens``, clip by clip), then every clip's keyframe ids, concatenated
+                        (variable length per clip: ``keyframe_lengths`` are the offsets)
+    ==================  ======================================================================================
+    """
     motions = np.asarray(motions)
     if motions.ndim != 2 or motions.shape[0] != len(clip_starts) or motions.shape[1] == 0:
         raise ValueError(f"{key}: motion ids {motions.shape} for {len(clip_starts)} clips")

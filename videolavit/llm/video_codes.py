@@ -2,15 +2,8 @@
 
 One object owns "video -> LLM ids" for every user - the tokenize job (which writes token shards for the LLM
 stages), ``chat`` (``videolavit.inference.video_chat``) and image-to-video (``text_to_video``) - so the ids the
-LLM is trained on and the ids it sees at inference come from the same code:
-
-* motion codes: each clip's motion field (``clip_motion`` at the motion tokenizer's grid, x10 tokenizer scale)
-  through the stage-1a export (``load_export(dir, "motion_tokenizer")``); a fixed number of codes per clip;
-* keyframe codes: each clip's keyframe (decoded from the stored mp4, resized keeping the aspect and centre-cropped
-  to the ViT's input, ``resize_crop_box``) through the LaVIT keyframe tokenizer export (``keyframe_tokenizer``,
-  rebuilt by ``load_keyframe_tokenizer``); a variable number of codes per keyframe;
-* LLM ids (``video_ids``): per clip ``[IMG] keyframe codes [/IMG] [MOV] motion codes [/MOV]``, or, for a coder
-  without a keyframe tokenizer (a motion-only LLM), ``[MOV] motion codes [/MOV]`` only.
+LLM is trained on and the ids it sees at inference come from the same code. ``VideoCoder``'s docstring says how
+each kind of code is made.
 
 The tokenizers are loaded lazily, once per process, on ``device``; their code counts must be the vocabulary's.
 ``fingerprint`` identifies the exports (a hash of their files): token shards record it, so a stage never mixes
@@ -111,6 +104,14 @@ def video_block_ids(keyframes: Sequence[np.ndarray] | None, motions: Sequence[np
 
 class VideoCoder:
     """The frozen stage-1 tokenizers of one set of exports, turning clips and images into codes and LLM ids.
+
+    * motion codes: each clip's motion field (``clip_motion`` at the motion tokenizer's grid, x10 tokenizer scale)
+      through the stage-1a export (``load_export(dir, "motion_tokenizer")``); a fixed number of codes per clip;
+    * keyframe codes: each clip's keyframe (decoded from the stored mp4, resized keeping the aspect and centre-cropped
+      to the ViT's input, ``resize_crop_box``) through the LaVIT keyframe tokenizer export (``keyframe_tokenizer``,
+      rebuilt by ``load_keyframe_tokenizer``); a variable number of codes per keyframe;
+    * LLM ids (``video_ids``): per clip ``[IMG] keyframe codes [/IMG] [MOV] motion codes [/MOV]``, or, for a coder
+      without a keyframe tokenizer (a motion-only LLM), ``[MOV] motion codes [/MOV]`` only.
 
     Args:
         vocabulary: the id layout the codes are placed in (its ``motion_codes`` / ``visual_codes`` must equal the

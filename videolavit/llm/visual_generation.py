@@ -11,12 +11,7 @@ history in that branch so that the second and later blocks of a clip stay cohere
 Markers between blocks (``[/IMG]`` → ``[MOV]``, and ``[IMG]`` opening the next clip) are forced, never
 sampled. Both branches keep a KV cache, so each generated token costs two single-token forwards.
 
-``SamplingOptions.release()`` is the release's behaviour, for its weights: the unconditional branch
-restarts at each block's opening marker (``[IMG]`` alone, then ``[MOV]`` alone, as its two ``generate``
-calls do), keyframe blocks have at least 20 codes, the motion block is greedy, may end at ``[/MOV]``
-after 20 codes (at most 500), and is then padded with code 0 or truncated to ``motion_length``; the
-prompt is the text ids without BOS (the caller's, see ``TextToVideo``). The release's suppression lists
-also leave ids 0-2 (unk, bos, eos) open inside blocks and drops them afterwards; ours never emits them.
+``SamplingOptions.release()`` is the release's behaviour, for its weights (listed in its docstring).
 """
 
 from __future__ import annotations
@@ -62,7 +57,15 @@ class SamplingOptions:
 
     @classmethod
     def release(cls, motion_length: int, keyframe_max_length: int, **overrides) -> "SamplingOptions":
-        """The release's generation (module docstring)."""
+        """The release's generation.
+
+        The release's behaviour, for its weights: the unconditional branch restarts at each block's opening marker
+        (``[IMG]`` alone, then ``[MOV]`` alone, as its two ``generate`` calls do), keyframe blocks have at least 20
+        codes, the motion block is greedy, may end at ``[/MOV]`` after 20 codes (at most 500), and is then padded
+        with code 0 or truncated to ``motion_length``; the prompt is the text ids without BOS (the caller's, see
+        ``TextToVideo``). The release's suppression lists also leave ids 0-2 (unk, bos, eos) open inside blocks and
+        drops them afterwards; ours never emits them.
+        """
         values = dict(keyframe_min_length=min(RELEASE_MIN_NEW_TOKENS, keyframe_max_length), unconditional="block",
                       motion_min_length=RELEASE_MIN_NEW_TOKENS, motion_temperature=0.0)
         return cls(motion_length=motion_length, keyframe_max_length=keyframe_max_length, **{**values, **overrides})

@@ -1,20 +1,8 @@
 """The LLM's token-id layout: text ids, then image markers and keyframe codes, then motion markers and codes.
 
-This is the one place the layout lives. Every id is derived from three sizes, so the released layout
-(``Vocabulary.release()``, Llama-2 text vocabulary of 32000) and tiny test layouts (a 300-token text
-vocabulary) share all code paths:
-
-    [0, text_size)                       text (Llama tokenizer ids; bos/eos/unk are in here)
-    text_size                            [IMG]   32000 in the release
-    text_size + 1                        [/IMG]  32001
-    [text_size + 2, +visual_codes)       keyframe (LaVIT visual) codes 32002-48385
-    next                                 [MOV]   48386
-    next + 1                             [/MOV]  48387
-    [next + 2, +motion_codes)            motion codes 48388-49411
-    size                                 49412 = rows of the LLM embedding / lm_head
-
-The release checks the same numbers (``motion_tokens + 32000 + 16384 + 4`` for motion codes,
-``image_token - 32002`` for keyframe codes, and ``motion_vocab_size=1026`` = 1024 codes + 2 markers).
+This is the one place the layout lives (docs/design.md §8). Every id is derived from three sizes, so the
+released layout (``Vocabulary.release()``, Llama-2 text vocabulary of 32000) and tiny test layouts (a 300-token
+text vocabulary) share all code paths; ``Vocabulary``'s docstring draws the layout.
 
 An LLM export records its layout in ``videolavit_vocabulary.json`` (``write_vocabulary_file`` /
 ``read_vocabulary_file``): the three sizes, which are all a reader needs, and the ids derived from them, for
@@ -58,7 +46,20 @@ class Modality(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True)
 class Vocabulary:
-    """Id layout of the unified text + keyframe + motion vocabulary (release defaults)."""
+    """Id layout of the unified text + keyframe + motion vocabulary (release defaults)::
+
+        [0, text_size)                       text (Llama tokenizer ids; bos/eos/unk are in here)
+        text_size                            [IMG]   32000 in the release
+        text_size + 1                        [/IMG]  32001
+        [text_size + 2, +visual_codes)       keyframe (LaVIT visual) codes 32002-48385
+        next                                 [MOV]   48386
+        next + 1                             [/MOV]  48387
+        [next + 2, +motion_codes)            motion codes 48388-49411
+        size                                 49412 = rows of the LLM embedding / lm_head
+
+    The release checks the same numbers (``motion_tokens + 32000 + 16384 + 4`` for motion codes,
+    ``image_token - 32002`` for keyframe codes, and ``motion_vocab_size=1026`` = 1024 codes + 2 markers).
+    """
 
     text_size: int = 32000
     visual_codes: int = 16384

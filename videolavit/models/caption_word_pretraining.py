@@ -4,18 +4,10 @@ At full scale the keyframe tokenizer's frozen backbone is the released EVA-CLIP 
 of image-text pairs. Small runs have no such model offline, and a random ViT's patch features hardly say what
 an object's shape is (held-out probes barely above chance; docs/measurements.md), so no tokenizer can pass it on.
 This objective trains a ViT of the tokenizer's sizes on local image-caption pairs (VirTex-style, without a text
-decoder): the patch tokens, layer-normed and pooled by mean and max, predict which caption words occur
-(multi-label, one logistic output per hashed word bucket, no word list to build or ship):
-
-    logits = head([mean_p LN(x_p), max_p LN(x_p)])        x_p: the last block's patch tokens (cls left out)
-    loss   = sum_buckets BCE(logits, 1[bucket holds a caption word]) averaged over images
-
-The patch tokens are what the tokenizer reads, so pooling them (rather than the cls token) puts the picture's
-content into them (what a small ViT reaches on the synthetic stills: docs/measurements.md).
-
-The export is the ViT alone (``save_export``: ``{name}.safetensors`` in ``EvaViT``'s own state-dict layout,
-which ``EvaViT.load_backbone_weights`` reads strictly, plus ``{name}.json``): the keyframe tokenizer takes it
-as ``backbone_weights``.
+decoder): the patch tokens, pooled, predict which caption words occur (multi-label, one logistic output per
+hashed word bucket, no word list to build or ship). The patch tokens are what the tokenizer reads, so pooling
+them (rather than the cls token) puts the picture's content into them (what a small ViT reaches on the
+synthetic stills: docs/measurements.md). The objective and the export: ``CaptionWordPretraining``'s docstring.
 """
 
 from __future__ import annotations
@@ -66,7 +58,15 @@ class CaptionWordPretrainingConfig:
 
 
 class CaptionWordPretraining(nn.Module):
-    """An ``EvaViT`` and a multi-label caption-word head over its pooled patch tokens."""
+    """An ``EvaViT`` and a multi-label caption-word head over its pooled patch tokens (layer-normed, mean and max)::
+
+        logits = head([mean_p LN(x_p), max_p LN(x_p)])        x_p: the last block's patch tokens (cls left out)
+        loss   = sum_buckets BCE(logits, 1[bucket holds a caption word]) averaged over images
+
+    The export is the ViT alone (``save_export``: ``{name}.safetensors`` in ``EvaViT``'s own state-dict layout,
+    which ``EvaViT.load_backbone_weights`` reads strictly, plus ``{name}.json``): the keyframe tokenizer takes it as
+    ``backbone_weights``.
+    """
 
     def __init__(self, config: CaptionWordPretrainingConfig):
         super().__init__()

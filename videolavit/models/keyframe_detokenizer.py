@@ -8,35 +8,10 @@ pooled vector added to the time embedding with SDXL's six size ids. An SDXL-layo
 
 What trains where: the codebook and the feature decoder's trunk belong to the tokenizer (stage 1a) and are
 frozen here (``requires_grad=False``, run without gradients); the condition heads (``unet_proj_1/2``,
-``unet_attnpool``) and the U-Net train in this stage.
-
-Diffusion: the U-Net is preconditioned by a ``videolavit.diffusion`` scaling and trained with the loss weighting
-matched to it (``DiffusionLoss``), so both are chosen together by :class:`KeyframeDiffusionConfig.scaling`, a name
-of ``videolavit.diffusion.parameterization`` (the video detokenizer's names too):
-
-* ``eps_discrete`` (default, the release and SDXL): ε-prediction on SDXL's 1000-step scaled-linear DDPM
-  schedule, the network conditioned on the nearest timestep index, trained at uniformly drawn timesteps; what
-  SDXL weights (``keyframe_unet.load_shared_unet_weights``) and the release's U-Net expect;
-* ``v_discrete``: the same with v-prediction;
-* ``edm``: EDM's own preconditioning (``sigma_data``) with log-normal training noise (from-scratch and tiny runs);
-* ``v_edm``: v-prediction with EDM's log-σ noise conditioning (SVD's).
-
-Sampling (``KeyframeDiffusionConfig.sampler``): ``"euler"`` (ours) is the deterministic Euler sampler on a Karras
-σ schedule (σ-space DDIM); ``"ddim"`` and ``"euler_ancestral"`` are the release's two choices (the class in its
-``image_detokenizer/scheduler/scheduler_config.json``, recorded in ``scheduler``): DDIM (η = 0) or ancestral Euler
-on the timesteps diffusers' scheduler picks from that config, run in σ-space with the same result. All use
-classifier-free guidance against the release's unconditional branch: context and pooled vector zeroed, size ids
-kept. Images may be non-square (``image_size`` [height, width], e.g. the release's 576×1024). Training drops the
-condition to that same zero branch with probability ``condition_dropout`` so guidance has something to push
-against.
-
-Exports (:func:`save_keyframe_detokenizer` / :func:`load_keyframe_detokenizer`) are diffusers-style directories:
-``unet/`` (``UNet2DConditionModel.from_pretrained`` loads it), ``scheduler/``, ``vae/`` (when the latent space is a
-VAE), and ``keyframe_detokenizer.{safetensors,json}`` with the codebook and feature decoder, the
-:class:`KeyframeDetokenizerConfig` and ``extra.latent_space`` (class path and arguments of the latent space the
-U-Net was trained in, paths relative to the export; :func:`build_latent_space` rebuilds it) and
-``extra.keyframe_tokenizer`` (provenance). Single-file exports of earlier versions (the U-Net inside
-``keyframe_detokenizer.safetensors``) still load.
+``unet_attnpool``) and the U-Net train in this stage. Preconditioning, loss weighting and sampler are chosen by
+names shared with the video detokenizer and default to the release's, so its SDXL-based weights load and sample
+as released (the choices: :class:`KeyframeDiffusionConfig`). Exports are diffusers-style directories
+(:func:`save_keyframe_detokenizer` / :func:`load_keyframe_detokenizer`).
 """
 
 from __future__ import annotations
@@ -106,9 +81,30 @@ class KeyframeDiffusionConfig:
 
     Defaults are the release's (an SDXL U-Net: ε-prediction on SDXL's DDPM schedule; guidance 3.0, its
     ``guidance_scale_for_decoder`` default; 25 Euler steps = σ-space DDIM).
+
+    Diffusion: the U-Net is preconditioned by a ``videolavit.diffusion`` scaling and trained with the loss weighting
+    matched to it (``DiffusionLoss``), so both are chosen together by ``scaling``, a name of
+    ``videolavit.diffusion.parameterization`` (the video detokenizer's names too):
+
+    * ``eps_discrete`` (default, the release and SDXL): ε-prediction on SDXL's 1000-step scaled-linear DDPM
+      schedule, the network conditioned on the nearest timestep index, trained at uniformly drawn timesteps; what
+      SDXL weights (``keyframe_unet.load_shared_unet_weights``) and the release's U-Net expect;
+    * ``v_discrete``: the same with v-prediction;
+    * ``edm``: EDM's own preconditioning (``sigma_data``) with log-normal training noise (from-scratch and tiny
+      runs);
+    * ``v_edm``: v-prediction with EDM's log-σ noise conditioning (SVD's).
+
+    Sampling (``sampler``): ``"euler"`` (ours) is the deterministic Euler sampler on a Karras σ schedule (σ-space
+    DDIM); ``"ddim"`` and ``"euler_ancestral"`` are the release's two choices (the class in its
+    ``image_detokenizer/scheduler/scheduler_config.json``, recorded in ``scheduler``): DDIM (η = 0) or ancestral
+    Euler on the timesteps diffusers' scheduler picks from that config, run in σ-space with the same result. All use
+    classifier-free guidance against the release's unconditional branch: context and pooled vector zeroed, size ids
+    kept. Images may be non-square (``image_size`` [height, width], e.g. the release's 576×1024). Training drops the
+    condition to that same zero branch with probability ``condition_dropout`` so guidance has something to push
+    against.
     """
 
-    scaling: str = "eps_discrete"  # one of videolavit.diffusion.parameterization.SCALINGS (module docstring)
+    scaling: str = "eps_discrete"  # one of videolavit.diffusion.parameterization.SCALINGS (class docstring)
     sigma_data: float = 0.5  # ``edm`` only: std of the (latent) data
     # The DDPM schedule of the discrete scalings (SDXL's).
     num_train_timesteps: int = 1000
@@ -126,7 +122,7 @@ class KeyframeDiffusionConfig:
     rho: float = 7.0
     num_steps: int = 25
     guidance_scale: float = 3.0
-    sampler: str = "euler"  # one of SAMPLERS (module docstring); "ddim" / "euler_ancestral" need ``scheduler``
+    sampler: str = "euler"  # one of SAMPLERS (class docstring); "ddim" / "euler_ancestral" need ``scheduler``
     scheduler: dict | None = None  # diffusers scheduler config of the release ("ddim", "euler_ancestral")
     # Probability that a training sample gets the unconditional (zeroed) condition: what makes guidance work.
     condition_dropout: float = 0.1
@@ -274,7 +270,7 @@ def pack_ids(ids: torch.Tensor) -> torch.Tensor:
 
 
 class KeyframeDetokenizer(nn.Module):
-    """Keyframe code ids -> condition -> latents [B, C, h, w] (see the module docstring)."""
+    """Keyframe code ids -> condition -> latents [B, C, h, w] (the path: the module docstring)."""
 
     def __init__(self, config: KeyframeDetokenizerConfig):
         super().__init__()
@@ -473,7 +469,9 @@ def save_keyframe_detokenizer(model: KeyframeDetokenizer, directory: str | Path,
     (``export_latent_space``); ``{name}.safetensors`` + ``.json``: codebook and feature decoder, the
     :class:`KeyframeDetokenizerConfig` and ``extra`` (``latent_space`` with relative paths only, ``unet``,
     ``scheduler``, ``keyframe_tokenizer`` provenance). ``latent_space``: the space the U-Net was trained in
-    (or its :func:`latent_space_spec`). Nothing is written when a tensor is not finite.
+    (or its :func:`latent_space_spec`; :func:`build_latent_space` rebuilds it from the record). Nothing is
+    written when a tensor is not finite. Single-file exports of earlier versions (the U-Net inside
+    ``{name}.safetensors``) still load.
     """
     directory = Path(directory)
     bad = non_finite_tensors(dict(model.state_dict()))

@@ -10,11 +10,7 @@ EMA statistics, which the release does not store, start afresh: see ``vector_qua
 Selection: training draws hard Gumbel-softmax samples (straight-through, so the reconstruction's gradient
 reaches the selector through the merger's attention weights). Outside training the default is the
 deterministic ``p(keep) >= 0.5``; the release's inference code samples instead (``eval_selection="sample"``).
-
-Batch contract (:class:`KeyframeEncoding`): images of a batch keep different numbers of tokens, so
-their tokens are packed to the left in patch raster order and padded on the right to ``L = max(lengths)``:
-``ids`` is ``-1`` at padding, ``mask`` is False there and ``codes``/``latents`` are zero. Every image keeps
-at least one token (if the selector drops all, its most confident patch is kept).
+A batch's images keep different numbers of tokens: :class:`KeyframeEncoding` packs and pads them.
 """
 
 from __future__ import annotations
@@ -71,7 +67,13 @@ class KeyframeTokenizerConfig:
 
 @dataclass
 class KeyframeEncoding:
-    """Tokens of a batch of keyframes, packed left and padded (see the module docstring)."""
+    """Tokens of a batch of keyframes, packed left and padded.
+
+    Images of a batch keep different numbers of tokens, so their tokens are packed to the left in patch raster order
+    and padded on the right to ``L = max(lengths)``: ``ids`` is ``-1`` at padding, ``mask`` is False there and
+    ``codes``/``latents`` are zero. Every image keeps at least one token (if the selector drops all, its most
+    confident patch is kept).
+    """
 
     ids: torch.Tensor  # [B, L] long, -1 at padding
     codes: torch.Tensor  # [B, L, D] quantised codes (straight-through in training), 0 at padding

@@ -1,28 +1,10 @@
 """Exports of the LaVIT keyframe tokenizer *without* its frozen ViT, and how a loader joins them again.
 
 The frozen EVA-CLIP ViT-g/14 (about 1B parameters) never changes during tokenizer training, so an export
-holds only the trained parts and names the backbone it was trained against; the backbone itself is read
-from its own local weight file. An export directory holds::
-
-    keyframe_tokenizer.safetensors  trained tensors only: token_predictor.*, causal_encoder.*,
-                                    encode_task_layer.*, quantize.* (codebook + EMA state), vit_proj.*
-    keyframe_tokenizer.json         the same JSON layout as ``videolavit.models.export`` (class_path,
-                                    config_class, config) plus ``extra.backbone``:
-        {"model_prefix": "encoder.",  key prefix of the backbone inside KeyframeTokenizer (absent from the file)
-         "weights": "/abs/path" | null,   the local file the backbone was loaded from during training
-         "weights_prefix": "",            key prefix selected (and stripped) in that file, e.g. "encoder."
-         "random_init_seed": int | null,  set instead of "weights" when the backbone was a seeded random init
-         "fingerprint": "<sha256>"}       of the backbone's tensors (float32, sorted by name)
-
-To rebuild a working tokenizer, :func:`load_keyframe_tokenizer`:
-
-1. builds ``KeyframeTokenizer(config)`` from the JSON;
-2. fills ``encoder.`` from ``backbone_weights`` (argument) or else the recorded ``weights`` path, with the
-   recorded ``weights_prefix`` (``EvaViT.load_backbone_weights``, strict), or — for exports of test/tiny
-   runs whose backbone was a seeded random init — re-creates that init from ``random_init_seed``;
-3. checks the backbone's fingerprint against the recorded one (a different ViT would silently give
-   different ids: that is an error unless ``check_fingerprint=False``);
-4. loads the trained tensors strictly: every non-``encoder.`` key must be present, nothing else may be.
+holds only the trained parts and names the backbone it was trained against, with a fingerprint of its
+tensors; the backbone itself is read from its own local weight file (or, for tests and tiny runs, re-created
+from the seed of its random init). A different ViT would silently give different ids, so a loader checks the
+fingerprint. The files: :func:`save_keyframe_tokenizer`; the loading steps: :func:`load_keyframe_tokenizer`.
 
 ``videolavit.models.export.load_export`` cannot load this export (it would report the ``encoder.`` keys as
 missing); use :func:`load_keyframe_tokenizer`. Nothing here unpickles objects: tensors come from
@@ -124,7 +106,18 @@ def trainable_state(model: KeyframeTokenizer) -> dict[str, torch.Tensor]:
 
 def save_keyframe_tokenizer(model: KeyframeTokenizer, directory: str | Path, backbone: BackboneSource,
                             name: str = EXPORT_NAME) -> Path:
-    """Write ``{name}.safetensors`` (no ``encoder.`` tensors) and ``{name}.json``; returns the weights path."""
+    """Write ``{name}.safetensors`` (no ``encoder.`` tensors) and ``{name}.json``; returns the weights path::
+
+        keyframe_tokenizer.safetensors  trained tensors only: token_predictor.*, causal_encoder.*,
+                                        encode_task_layer.*, quantize.* (codebook + EMA state), vit_proj.*
+        keyframe_tokenizer.json         the same JSON layout as ``videolavit.models.export`` (class_path,
+                                        config_class, config) plus ``extra.backbone``:
+            {"model_prefix": "encoder.",  key prefix of the backbone inside KeyframeTokenizer (absent from the file)
+             "weights": "/abs/path" | null,   the local file the backbone was loaded from during training
+             "weights_prefix": "",            key prefix selected (and stripped) in that file, e.g. "encoder."
+             "random_init_seed": int | null,  set instead of "weights" when the backbone was a seeded random init
+             "fingerprint": "<sha256>"}       of the backbone's tensors (float32, sorted by name)
+    """
     config = model.config
     meta = {
         "format_version": FORMAT_VERSION,
@@ -184,7 +177,15 @@ def load_keyframe_tokenizer(directory: str | Path, backbone_weights: str | Path 
 
     ``backbone_weights`` (and ``backbone_prefix``) override the file (and key prefix) recorded in the
     export, e.g. where the file lives elsewhere on this machine. Returns the model in eval mode on
-    ``map_location``.
+    ``map_location``. The steps:
+
+    1. builds ``KeyframeTokenizer(config)`` from the JSON;
+    2. fills ``encoder.`` from ``backbone_weights`` (argument) or else the recorded ``weights`` path, with the
+       recorded ``weights_prefix`` (``EvaViT.load_backbone_weights``, strict), or — for exports of test/tiny
+       runs whose backbone was a seeded random init — re-creates that init from ``random_init_seed``;
+    3. checks the backbone's fingerprint against the recorded one (a different ViT would silently give
+       different ids: that is an error unless ``check_fingerprint=False``);
+    4. loads the trained tensors strictly: every non-``encoder.`` key must be present, nothing else may be.
     """
     state, config, recorded = read_keyframe_tokenizer(directory, name)
     model = KeyframeTokenizer(config)

@@ -7,29 +7,12 @@ quantizer's commitment term (``KeyframeEncoding.commitment_loss``, weighted by t
 ``commitment_beta``) pulls the latents onto their codes while the codebook itself follows by EMA.
 With the default :class:`KeyframeTokenizerLossConfig` that is the whole objective (the paper's).
 
-Options for small objects on plain backgrounds (all off by default). Where one object covers a patch or
-two of a plain background (the tiny moving-shapes corpus: ~1 of 16 patches, with a random ViT) the paper's
-objective is met by reconstructing the background: the selector keeps the object's patch no more often
-than any other, and training turns the object's code into a background code (its colour, linearly
-readable from the object's *untrained* code, is at chance after training). Three terms address that:
-
-* ``patch_weighting="deviation"``: each patch's 1 - cos is weighted by how far its ViT feature lies from
-  its image's mean feature (weights mean 1 per image, no gradient), so the patches that make an image
-  differ from a plain one dominate the reconstruction.
-* ``selector_weight``: negative log-likelihood of the selector keeping the ``ceil(target_keep_ratio * N)``
-  patches of each image that deviate most from its mean feature and dropping the others, i.e. a prior
-  that the distinctive patches are the ones worth a token.
-* ``similarity_weight``: the kept tokens' latents must keep the ViT's geometry: over all pairs of kept
-  tokens in the batch, the squared gap between the cosine of their latents and the cosine of their own
-  patches' ViT features (centred on the batch mean). The quantizer's codes then cluster what the ViT tells
-  apart (an object's colour) instead of whatever helps the decoder most.
-
-On the tiny corpus the selector prior and the similarity term together make the object's colour and the
-background tint readable from the codes; deviation weighting did not help there (held-out probes,
-``benchmarks/keyframe_code_probe.py``; figures in docs/measurements.md).
-
-Each term is reported under its own name in the dict :func:`keyframe_tokenizer_loss` returns;
-``reconstruction`` is always the paper's unweighted term so runs stay comparable.
+Where one object covers a patch or two of a plain background (the tiny moving-shapes corpus) the paper's
+objective is met by reconstructing the background: the selector keeps the object's patch no more often than
+any other, and training turns the object's code into a background code. Three optional terms (off by default,
+listed in :class:`KeyframeTokenizerLossConfig`) address that; which of them helped on the tiny corpus is in
+docs/measurements.md. Each term is reported under its own name in the dict :func:`keyframe_tokenizer_loss`
+returns; ``reconstruction`` is always the paper's unweighted term so runs stay comparable.
 """
 
 from __future__ import annotations
@@ -49,11 +32,24 @@ PATCH_WEIGHTINGS = ("none", "deviation")
 class KeyframeTokenizerLossConfig:
     """Weights of the objective's terms; the defaults are the paper's objective.
 
-    ``target_keep_ratio`` 1/3 keeps ~85 of 256 patches (release: ~90 on average). ``patch_weighting``
-    ``"none"`` (paper: the mean of 1 - cos over patches) or ``"deviation"``; ``deviation_power`` sharpens
-    (> 1) or flattens (< 1) those weights. ``selector_weight``, ``similarity_weight``: see the module
-    docstring (0 = off). ``similarity_max_tokens`` caps the kept tokens (a random subset) that enter the
-    pairwise similarity term, whose cost grows with their square.
+    ``target_keep_ratio`` 1/3 keeps ~85 of 256 patches (what the release keeps: docs/measurements.md).
+    ``patch_weighting`` ``"none"`` (paper: the mean of 1 - cos over patches) or ``"deviation"``;
+    ``deviation_power`` sharpens (> 1) or flattens (< 1) those weights. ``selector_weight``,
+    ``similarity_weight``: 0 = off. ``similarity_max_tokens`` caps the kept tokens (a random subset) that enter
+    the pairwise similarity term, whose cost grows with their square.
+
+    The options for small objects on plain backgrounds (why: the module docstring):
+
+    * ``patch_weighting="deviation"``: each patch's 1 - cos is weighted by how far its ViT feature lies from
+      its image's mean feature (weights mean 1 per image, no gradient), so the patches that make an image
+      differ from a plain one dominate the reconstruction.
+    * ``selector_weight``: negative log-likelihood of the selector keeping the ``ceil(target_keep_ratio * N)``
+      patches of each image that deviate most from its mean feature and dropping the others, i.e. a prior
+      that the distinctive patches are the ones worth a token.
+    * ``similarity_weight``: the kept tokens' latents must keep the ViT's geometry: over all pairs of kept
+      tokens in the batch, the squared gap between the cosine of their latents and the cosine of their own
+      patches' ViT features (centred on the batch mean). The quantizer's codes then cluster what the ViT tells
+      apart (an object's colour) instead of whatever helps the decoder most.
     """
 
     target_keep_ratio: float = 1.0 / 3.0

@@ -1,21 +1,15 @@
 """Motion tokenizer (stage 1a): a VQ-VAE that turns a clip's motion-vector field into a few discrete codes.
 
-Encoder: in_proj 2->dim, learned spatial + temporal position embeddings, space-time transformer
-blocks in stages, each stage followed by a down-sampling step, final LayerNorm, then a small task
-head (dim->dim, tanh, dim->code_dim) run in full precision before the L2-normalised codebook.
-Decoder: in_proj code_dim->dim, then per stage an up-sampling step back to the encoder's mirrored grid
-followed by blocks, LayerNorm, and a task head dim->dim->2.
-
+A space-time transformer encoder down-samples the field to a small grid of tokens, quantised by an
+L2-normalised codebook; the decoder mirrors it (layers: ``MotionTokenizer``'s docstring; docs/design.md §5).
 Variants are configuration, not code branches (see ``MotionTokenizerConfig.preset``):
 * ``release``: 24x20x36 input, strided 3x3x3 Conv3d down-sampling -> 3x5x9 = 135 tokens; parameter
   names match the public release so its checkpoint loads strictly (``load_release_state_dict``).
 * ``paper256`` / ``paper64``: 24x16x16 input, 3-D average pooling -> 4x8x8 = 256 or 4x4x4 = 64 tokens.
 
 The model consumes the tokenizer-scaled motion field (standardised vectors x10, docs/design.md §4) and does not
-normalise it.
-
-Initialisation: std 0.02 / zero bias everywhere (blocks, convs, task heads; the release lineage) except
-the two token embeddings (``encoder.in_proj`` 2->dim, ``decoder.in_proj`` code_dim->dim), which get
+normalise it. Initialisation: std 0.02 / zero bias everywhere (blocks, convs, task heads; the release lineage)
+except the two token embeddings (``encoder.in_proj`` 2->dim, ``decoder.in_proj`` code_dim->dim), which get
 fan-in init: with std 0.02 their tokens are too small to survive the LayerNorms and the model learns to
 predict zero motion (``init_token_embedding``). Release checkpoints overwrite all of it.
 """
@@ -257,6 +251,15 @@ def _task_head(dim: int, out_dim: int) -> nn.Sequential:
 
 
 class MotionTokenizer(nn.Module):
+    """The motion VQ-VAE: encoder -> L2-normalised codebook -> decoder.
+
+    Encoder: in_proj 2->dim, learned spatial + temporal position embeddings, space-time transformer blocks in
+    stages, each stage followed by a down-sampling step, final LayerNorm, then a small task head (dim->dim, tanh,
+    dim->code_dim) run in full precision before the L2-normalised codebook. Decoder: in_proj code_dim->dim, then per
+    stage an up-sampling step back to the encoder's mirrored grid followed by blocks, LayerNorm, and a task head
+    dim->dim->2.
+    """
+
     def __init__(self, config: MotionTokenizerConfig | None = None):
         super().__init__()
         self.config = config = config or MotionTokenizerConfig()

@@ -1,34 +1,11 @@
 """L2-normalised vector quantizer with an EMA-updated codebook and dead-code restarts.
 
-Design (why it looks like this):
-
-* **Cosine lookup.** Encoder outputs are L2-normalised and the codebook rows are kept on the unit
-  sphere, so the nearest code by Euclidean distance is the nearest by cosine. Distances are computed
-  as ``|z|^2 + |e|^2 - 2 z.e`` against the stored rows, exactly like the Video-LaVIT release, so a
-  released codebook gives the released ids.
-* **Codebook owned by the EMA, not by the optimiser.** ``embedding.weight`` (the release's key) is a
-  *buffer*: no gradient ever reaches it (straight-through estimator, commitment loss on the detached
-  code), so keeping it out of ``parameters()`` keeps it out of optimisers, weight decay and DDP's
-  gradient reduction.
-* **EMA rule** (BEiT-v2 / LaVIT lineage, which the release's ``decay`` argument comes from). Per
-  training step, with all-reduced per-code counts ``n_k`` and sums ``s_k`` of the normalised inputs:
-  ``e_k <- normalise(decay * e_k + (1 - decay) * normalise(s_k / n_k))`` for every code with
-  ``n_k > 0``; codes that received nothing do not move. ``cluster_size`` is the EMA of ``n_k``; its
-  Laplace-smoothed share ``(c_k + eps) / (sum c + K eps)`` is the code's long-run usage, well defined
-  from the first step on (all shares are uniform while nothing has been counted).
-* **Dead-code restarts.** Every ``dead_code_interval`` training steps, codes whose smoothed share is
-  below ``dead_code_threshold / K`` (i.e. below that fraction of a uniform share) are replaced by
-  random normalised encoder outputs of the current batch and given a uniform share of the EMA count,
-  so they get time to be picked before they can be judged dead again.
-* **Distributed.** When ``torch.distributed`` is initialised, per-step counts and sums are
-  all-reduced before the EMA (every rank applies the same update), and at each restart check rank 0
-  picks the replacements and broadcasts codebook and ``cluster_size``, so all ranks keep one codebook.
-  Only training-mode forwards communicate, so every rank must run them in step (as DDP does).
-* **Loading release checkpoints.** The release stores only ``embedding.weight``. ``cluster_size``
-  and ``num_updates`` are persistent buffers (so exports and resumed runs keep them), and
-  ``_load_from_state_dict`` fills them in when a state dict lacks them (zero counts, step 0), the same
-  way ``BatchNorm`` treats ``num_batches_tracked``. A release state dict therefore loads with
-  ``strict=True`` and nothing else is relaxed: any other missing or unexpected key still fails.
+Why it looks like this: the lookup is the Video-LaVIT release's (cosine by Euclidean distance on the unit
+sphere), so a released codebook gives the released ids; the codebook is a buffer updated by EMA (the BEiT-v2 /
+LaVIT rule the release's ``decay`` comes from), so no optimiser, weight decay or DDP reduction ever touches it;
+rarely used codes are restarted from encoder outputs; under ``torch.distributed`` every rank applies the same
+update, so all ranks keep one codebook; and a release state dict, which stores the codebook only, loads with
+``strict=True``. The rules in detail: ``VectorQuantizer``'s docstring.
 """
 
 from __future__ import annotations
@@ -58,7 +35,7 @@ class QuantizerOutput(NamedTuple):
 
 
 class Codebook(nn.Module):
-    """Holds the code rows under the release's key ``embedding.weight`` (a buffer, see module doc)."""
+    """Holds the code rows under the release's key ``embedding.weight`` (a buffer, see ``VectorQuantizer``)."""
 
     def __init__(self, num_codes: int, code_dim: int):
         super().__init__()
@@ -69,6 +46,37 @@ class Codebook(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
+    """Nearest-code quantisation of L2-normalised latents, with a straight-through estimator.
+
+    * **Cosine lookup.** Encoder outputs are L2-normalised and the codebook rows are kept on the unit
+      sphere, so the nearest code by Euclidean distance is the nearest by cosine. Distances are computed
+      as ``|z|^2 + |e|^2 - 2 z.e`` against the stored rows, exactly like the Video-LaVIT release, so a
+      released codebook gives the released ids.
+    * **Codebook owned by the EMA, not by the optimiser.** ``embedding.weight`` (the release's key) is a
+      *buffer*: no gradient ever reaches it (straight-through estimator, commitment loss on the detached
+      code), so keeping it out of ``parameters()`` keeps it out of optimisers, weight decay and DDP's
+      gradient reduction.
+    * **EMA rule** (BEiT-v2 / LaVIT lineage, which the release's ``decay`` argument comes from). Per
+      training step, with all-reduced per-code counts ``n_k`` and sums ``s_k`` of the normalised inputs:
+      ``e_k <- normalise(decay * e_k + (1 - decay) * normalise(s_k / n_k))`` for every code with
+      ``n_k > 0``; codes that received nothing do not move. ``cluster_size`` is the EMA of ``n_k``; its
+      Laplace-smoothed share ``(c_k + eps) / (sum c + K eps)`` is the code's long-run usage, well defined
+      from the first step on (all shares are uniform while nothing has been counted).
+    * **Dead-code restarts.** Every ``dead_code_interval`` training steps, codes whose smoothed share is
+      below ``dead_code_threshold / K`` (i.e. below that fraction of a uniform share) are replaced by
+      random normalised encoder outputs of the current batch and given a uniform share of the EMA count,
+      so they get time to be picked before they can be judged dead again.
+    * **Distributed.** When ``torch.distributed`` is initialised, per-step counts and sums are
+      all-reduced before the EMA (every rank applies the same update), and at each restart check rank 0
+      picks the replacements and broadcasts codebook and ``cluster_size``, so all ranks keep one codebook.
+      Only training-mode forwards communicate, so every rank must run them in step (as DDP does).
+    * **Loading release checkpoints.** The release stores only ``embedding.weight``. ``cluster_size``
+      and ``num_updates`` are persistent buffers (so exports and resumed runs keep them), and
+      ``_load_from_state_dict`` fills them in when a state dict lacks them (zero counts, step 0), the same
+      way ``BatchNorm`` treats ``num_batches_tracked``. A release state dict therefore loads with
+      ``strict=True`` and nothing else is relaxed: any other missing or unexpected key still fails.
+    """
+
     def __init__(self, num_codes: int = 1024, code_dim: int = 32, decay: float = 0.995,
                  commitment_beta: float = 1.0, dead_code_threshold: float = 0.03,
                  dead_code_interval: int = 100, eps: float = 1e-5):

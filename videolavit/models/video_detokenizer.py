@@ -6,29 +6,11 @@ and cross-attends to the context; the EDM denoiser wraps the U-Net (precondition
 one ``DenoiserScaling``, so they are consistent), trained at log σ ~ N(p_mean, p_std²) and sampled with
 Euler steps on a Karras schedule under a per-frame classifier-free guidance ramp.
 
-This is the API the generation pipeline uses::
-
-    model, latent_space_config = load_video_detokenizer(export_dir)
-    cond = model.conditioning(keyframe_latent, motion)     # [b, C, h, w], [b, 2, T, gh, gw]
-    latents = model.sample(cond, T, generator=g)          # [b, T, C, h, w]
-
-``motion`` is at the scale recorded in the export (``read_video_detokenizer_spec(dir).motion_scale``:
-10 = the tokenizer's, so a motion tokenizer's ``decode`` output goes in as it is); the spec also gives the
-frame size, clip length and motion grid the model was trained with.
-
-Two behaviours, chosen by the config (``RELEASE_BEHAVIOUR`` lists the release's; imports of the released
-weights set it, and then the outputs equal the release code's on the same weights):
-
-* ``motion_resize``: ``"bicubic"`` (release) resizes the motion field per frame bicubically to the latent
-  size, and the encoder's input bicubically from there; ``"area"`` (ours) resizes the given field straight
-  to each size, area-averaging when shrinking (no overshoot at motion edges).
-* ``keyframe_latent_scale``: the release conditions on the VAE's *unscaled* latent (1 / scaling_factor of
-  what the latent space returns); ours on the scaled one (1.0), the same units as the diffused latents.
-* ``noise_aug_space``: the release adds the 0.02 augmentation noise to the keyframe pixels before the VAE
-  (``keyframe_latent`` does it), ours to the latent (``conditioning`` does it).
-* ``decode_chunk_frames``: the release decodes its temporal VAE 8 frames at a time (``decode``); ours all
-  of a clip's frames in one call (None).
-* The U-Net's ``temporal_context_resize`` (``VideoUNetConfig``): release ``"nearest"``, ours ``"bilinear"``.
+``load_video_detokenizer`` and ``VideoDetokenizer.conditioning`` / ``sample`` are the API the generation pipeline
+uses (example in ``VideoDetokenizer``'s docstring). Where our choices differ from the release's (motion resizing,
+keyframe latent scale, where the augmentation noise goes, VAE decode chunks), the config holds both and
+``RELEASE_BEHAVIOUR`` lists the release's, so imports of the released weights reproduce its outputs
+(the switches: ``VideoDetokenizerConfig``).
 """
 
 from __future__ import annotations
@@ -84,7 +66,22 @@ RELEASE_DECODE_CHUNK_FRAMES = 8
 
 @dataclass
 class VideoDetokenizerConfig:
-    """Every size and constant of g_V; defaults are the release model (SVD-xt U-Net, 16×16 motion input)."""
+    """Every size and constant of g_V; defaults are the release model (SVD-xt U-Net, 16×16 motion input).
+
+    Where ours and the release differ, the config chooses (``RELEASE_BEHAVIOUR`` lists the release's; imports of
+    the released weights set it, and then the outputs equal the release code's on the same weights):
+
+    * ``motion_resize``: ``"bicubic"`` (release) resizes the motion field per frame bicubically to the latent
+      size, and the encoder's input bicubically from there; ``"area"`` (ours) resizes the given field straight
+      to each size, area-averaging when shrinking (no overshoot at motion edges).
+    * ``keyframe_latent_scale``: the release conditions on the VAE's *unscaled* latent (1 / scaling_factor of
+      what the latent space returns); ours on the scaled one (1.0), the same units as the diffused latents.
+    * ``noise_aug_space``: the release adds the 0.02 augmentation noise to the keyframe pixels before the VAE
+      (``keyframe_latent`` does it), ours to the latent (``conditioning`` does it).
+    * ``decode_chunk_frames``: the release decodes its temporal VAE 8 frames at a time (``decode``); ours all
+      of a clip's frames in one call (None).
+    * The U-Net's ``temporal_context_resize`` (``VideoUNetConfig``): release ``"nearest"``, ours ``"bilinear"``.
+    """
 
     unet: VideoUNetConfig = field(default_factory=VideoUNetConfig)
     motion_encoder: MotionConditionEncoderConfig = field(default_factory=MotionConditionEncoderConfig)
@@ -104,7 +101,7 @@ class VideoDetokenizerConfig:
     keyframe_residual: bool = False  # diffuse clip - keyframe latent (the release: False). For models trained
     #                                  from scratch at small scale: the static part of a clip is then given, and
     #                                  training goes to what moves (set sigma_data to the residual's std)
-    motion_resize: str = "area"  # "bicubic" (release) | "area" (ours; module docstring)
+    motion_resize: str = "area"  # "bicubic" (release) | "area" (ours; class docstring)
     keyframe_latent_scale: float = 1.0  # x the latent space's keyframe latent (release: 1 / VAE scaling_factor)
     noise_aug_space: str = "latent"  # where the augmentation noise goes: "pixels" (release) | "latent" (ours)
     decode_chunk_frames: int | None = None  # frames per temporal-VAE call in ``decode`` (release 8; None: a clip)
@@ -150,7 +147,7 @@ RELEASE_BEHAVIOUR = {"motion_resize": "bicubic", "noise_aug_strength": 0.02, "no
 
 
 def release_behaviour(config: VideoDetokenizerConfig, vae_scaling_factor: float) -> VideoDetokenizerConfig:
-    """``config`` with every behaviour the release's (module docstring); sizes unchanged."""
+    """``config`` with every behaviour the release's (``VideoDetokenizerConfig``); sizes unchanged."""
     if vae_scaling_factor <= 0:
         raise ValueError(f"vae_scaling_factor must be positive, got {vae_scaling_factor}")
     switches = {k: v for k, v in RELEASE_BEHAVIOUR.items() if k != "keyframe_latent_scale"}
@@ -176,7 +173,18 @@ def _resize_motion(motion: torch.Tensor, size: tuple[int, int], mode: str = "are
 
 
 class VideoDetokenizer(nn.Module):
-    """Motion-condition encoder + video U-Net + EDM denoiser (module docstring)."""
+    """Motion-condition encoder + video U-Net + EDM denoiser (module docstring).
+
+    This is the API the generation pipeline uses::
+
+        model, latent_space_config = load_video_detokenizer(export_dir)
+        cond = model.conditioning(keyframe_latent, motion)     # [b, C, h, w], [b, 2, T, gh, gw]
+        latents = model.sample(cond, T, generator=g)          # [b, T, C, h, w]
+
+    ``motion`` is at the scale recorded in the export (``read_video_detokenizer_spec(dir).motion_scale``:
+    10 = the tokenizer's, so a motion tokenizer's ``decode`` output goes in as it is); the spec also gives the
+    frame size, clip length and motion grid the model was trained with.
+    """
 
     def __init__(self, config: VideoDetokenizerConfig | None = None):
         super().__init__()
