@@ -90,7 +90,7 @@ class KeyframeDetokenizerStage(StageModule):
     into the U-Net's condition (codebook and feature-decoder trunk frozen, condition heads trained); the image,
     resized to ``image_size``, is encoded into the frozen ``latent_space``; the U-Net is trained with the EDM-style
     denoising loss of ``videolavit.diffusion`` (scaling and weighting chosen together, see
-    ``videolavit.models.keyframe_detokenizer``).
+    ``videolavit.models.keyframe_detokenizer.KeyframeDiffusionConfig``).
 
     ``init_from`` is the directory of a keyframe tokenizer export (``keyframe_tokenizer.*`` and
     ``keyframe_feature_decoder.*`` from stage 1a): the tokenizer (with its ViT from ``backbone_weights`` or the file

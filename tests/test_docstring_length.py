@@ -21,8 +21,6 @@ LONGER_TODAY = {
     "videolavit/llm/keyframe_features.py": 18,
     "videolavit/models/video_unet.py": 29,
     "videolavit/release/importer.py": 17,
-    "videolavit/synth/moving_shapes.py": 16,
-    "videolavit/synth/stills.py": 21,
 }
 
 

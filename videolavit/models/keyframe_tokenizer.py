@@ -1,7 +1,7 @@
 """LaVIT dynamic keyframe tokenizer: frozen EVA-CLIP ViT -> token selector -> token merger -> codebook.
 
-A keyframe becomes a *variable* number of discrete codes (about 90 of the 256 patches on average in the
-release): the selector keeps the informative patches, the merger folds what the dropped patches carry
+A keyframe becomes a *variable* number of discrete codes (about a third of the patches in the release:
+docs/measurements.md): the selector keeps the informative patches, the merger folds what the dropped patches carry
 into the kept ones, and each kept token is quantised to its nearest entry of an L2-normalised codebook.
 Parameter names follow the release (``encoder.``, ``token_predictor.``, ``causal_encoder.``,
 ``encode_task_layer.``, ``quantize.``, ``vit_proj.``) so released checkpoints load strictly (the codebook's

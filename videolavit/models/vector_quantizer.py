@@ -186,7 +186,7 @@ class VectorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Release checkpoints carry only the codebook: start the EMA statistics afresh (module doc).
+        # Release checkpoints carry only the codebook: start the EMA statistics afresh (class docstring).
         if prefix + "embedding.weight" in state_dict:
             state_dict.setdefault(prefix + "cluster_size", torch.zeros_like(self.cluster_size))
             state_dict.setdefault(prefix + "num_updates", torch.zeros_like(self.num_updates))

@@ -3,17 +3,10 @@
 Each video shows one coloured, lightly textured shape moving in a straight line at constant speed over a
 static tinted background; every attribute is known exactly (planned in :mod:`videolavit.synth.shape_plan`,
 drawn by :mod:`videolavit.synth.shape_render`), so tests and small runs can score captions and QA answers
-exactly and compare measured motion with the truth. Layout written by :func:`generate_corpus`::
-
-    corpus.json       what was generated (generator version + parameters); identifies the corpus
-    videos/{id}.mp4   H.264 (libx264, yuv420p) at ``fps`` (default 12, so 6 fps resampling is exercised)
-    captions.csv      WebVid-style: videoid,name,duration,page_dir (duration "PT00H00M10S", page_dir "videos")
-    qa.json           [{"video_id", "question", "answer", "attribute"}], three one-word answers per video
-    metadata.jsonl    one JSON object per video: the :class:`VideoSpec` ground truth
-
-plus, with ``stills_per_video`` > 0, the still images of :mod:`videolavit.synth.stills`. The same
-``(num_videos, seed, size, fps, seconds, stills_per_video)`` give byte-identical text files and identical
-decoded frames.
+exactly and compare measured motion with the truth. :func:`generate_corpus` writes the videos, a WebVid-style
+captions CSV, QA pairs and the ground truth (layout in its docstring), plus, with ``stills_per_video`` > 0, the
+still images of :mod:`videolavit.synth.stills`. The same ``(num_videos, seed, size, fps, seconds,
+stills_per_video)`` give byte-identical text files and identical decoded frames.
 """
 
 from __future__ import annotations
@@ -162,7 +155,13 @@ def generate_corpus(
     progress: Callable[[int], None] | None = None,
     stills_per_video: int = 0,
 ) -> list[VideoSpec]:
-    """Render a moving-shapes corpus into ``out_dir`` (layout in the module docstring); return its specs.
+    """Render a moving-shapes corpus into ``out_dir``; return its specs. The layout::
+
+        corpus.json       what was generated (generator version + parameters); identifies the corpus
+        videos/{id}.mp4   H.264 (libx264, yuv420p) at ``fps`` (default 12, so 6 fps resampling is exercised)
+        captions.csv      WebVid-style: videoid,name,duration,page_dir (duration "PT00H00M10S", page_dir "videos")
+        qa.json           [{"video_id", "question", "answer", "attribute"}], three one-word answers per video
+        metadata.jsonl    one JSON object per video: the :class:`VideoSpec` ground truth
 
     ``size`` is (width, height). ``workers`` > 1 renders videos in that many (spawned) processes.
     ``stills_per_video`` > 0 also writes that many still images of every video with their captions and

@@ -9,16 +9,8 @@ background; not the direction) and asked about its shape and colour.
 Why the tiny chain needs them: in a video's LLM tokens only a few keyframe codes show the object, so a small
 corpus of videos gives the tiny LLM too few examples of "these codes mean red" and it memorises the training
 videos instead; a still is a handful of codes plus a caption, so a packed row holds many of them (figures in
-docs/measurements.md).
-
-Layout added to the corpus directory by :func:`write_stills`::
-
-    images/{id}_{frame:03d}.png   RGB frames of the videos (``stills_per_video`` per video)
-    image_text.jsonl              one {"image", "caption"} per still (``PretrainSequenceView.image_text``)
-    image_qa.json                 LLaVA conversations, one shape and one colour question per still
-                                  (``InstructionSequenceView.image_conversations``, image_root = the corpus)
-
-Everything is a pure function of the corpus' specs and ``stills_per_video``.
+docs/measurements.md). :func:`write_stills` adds them to the corpus directory (layout in its docstring);
+everything is a pure function of the corpus' specs and ``stills_per_video``.
 """
 
 from __future__ import annotations
@@ -84,8 +76,14 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 def write_stills(out_dir: str | os.PathLike, specs: Sequence[VideoSpec], per_video: int) -> int:
-    """Render ``per_video`` stills of every video into ``out_dir`` (layout in the module docstring); return
-    how many stills there are. Stills already on disk are kept (the renderer is deterministic)."""
+    """Render ``per_video`` stills of every video into ``out_dir``; return how many stills there are. Stills
+    already on disk are kept (the renderer is deterministic). The layout::
+
+        images/{id}_{frame:03d}.png   RGB frames of the videos (``stills_per_video`` per video)
+        image_text.jsonl              one {"image", "caption"} per still (``PretrainSequenceView.image_text``)
+        image_qa.json                 LLaVA conversations, one shape and one colour question per still
+                                      (``InstructionSequenceView.image_conversations``, image_root = the corpus)
+    """
     out_dir = Path(out_dir)
     image_dir = out_dir / IMAGE_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
