@@ -104,8 +104,9 @@ def _phase(base: dict, root: Path, name: str, checkpoints: Path, stop_at: int | 
     return path
 
 
-def _rehearse(base: dict, root: Path, strategy_for, learns: bool, tolerance: float) -> None:
+def _rehearse(base: dict, root: Path, strategy_for, learns: bool, tolerance: float) -> dict[int, dict[int, float]]:
     """Reference on 1 process; 2 nodes -> save at SAVED_AT -> resume on 1 and on 3 processes to RESUMED_TO."""
+    resumed: dict[int, dict[int, float]] = {}
     fit_on_one_node(_phase(base, root, "reference", root / "reference_ckpt"), root, 1, *strategy_for(1))
     two_nodes = root / "two_nodes_ckpt"
     fit_on_two_nodes(_phase(base, root, "two_nodes", two_nodes, stop_at=SAVED_AT), root, *strategy_for(2))
@@ -149,6 +150,8 @@ def _rehearse(base: dict, root: Path, strategy_for, learns: bool, tolerance: flo
         print(f"rehearsal {root.name}: 1 process {_rounded(reference)}; 2 nodes {_rounded(before)}; "
               f"resumed on {processes} {_rounded(after)}")  # shown with -s
         assert abs(resumed_mean - reference_mean) <= tolerance * reference_mean, (processes, reference, before, after)
+        resumed[processes] = after
+    return resumed  # processes resumed on -> their per-step losses
 
 
 # ------------------------------------------------------------------------------------------- stage 1a, DDP
@@ -169,8 +172,9 @@ def _motion_tokenizer_config(root: Path, shards: Path) -> dict:
 def test_stage1a_ddp_on_two_nodes_resumes_on_one_and_on_three_processes(prepared_shards, tmp_path):
     # The tiny motion tokenizer's loss hardly moves in 10 steps and varies from batch to batch by ~15%, so only
     # the LLM stage checks that it drops, and this tolerance is wide.
-    _rehearse(_motion_tokenizer_config(tmp_path, prepared_shards), tmp_path,
-              lambda processes: ["--trainer.strategy", "ddp"], learns=False, tolerance=0.2)
+    resumed = _rehearse(_motion_tokenizer_config(tmp_path, prepared_shards), tmp_path,
+                        lambda processes: ["--trainer.strategy", "ddp"], learns=False, tolerance=0.2)
+    assert sorted(resumed) == [1, 3] and all(len(losses) > 0 for losses in resumed.values())
 
 
 # ------------------------------------------------------------------------------------------- stage 2, FSDP2
