@@ -1,30 +1,11 @@
 """Stage 3 on the continuous keyframe path (the release's SFT model, ``videolavit.llm.keyframe_features``).
 
-The LLM reads each keyframe as features the stage computes with gradients (the keyframe tokenizer's merger and
-``vit_proj``), so the rows cannot hold keyframe ids: ``ContinuousInstructionView`` reads the **decomposed** video
-shards (``prepare``'s: mp4 + motion field, not token shards) and gives, per conversation, its ids with one
-``KEYFRAME_SLOT_ID`` per clip (``[IMG] <slot> [/IMG] [MOV] motion codes [/MOV]``) and the clips' keyframe images.
-Motion codes come from the frozen motion tokenizer in ``tokenizer_exports`` (run where the view runs, as the
-release's model runs it inside its forward without gradients); keyframes are resized and centre-cropped to the
-keyframe tokenizer's input (``image_tokenizer_export``, default ``tokenizer_exports``: the SFT export directory
-holds both). Conversations, turns, templates, skips and held-out questions are ``InstructionSequenceView``'s.
-
-A keyframe's number of features is only known once the selector has run, so rows are not packed: one
-conversation per row (as the release's batches), right-padded to the longest row; the stage splices the features
-in and truncates to ``seq_len`` (the release's ``tokenizer_model_max_length``). Image conversations are not read
-on this path.
-
-Batch keys (``collate``):
-
-====================  ==========================================================================
-``input_ids``         long [B, L]; ``KEYFRAME_SLOT_ID`` where a keyframe's features go; pad id after the row
-``labels``            long [B, L]; assistant targets, else -100 (slots and padding included)
-``keyframe_images``   float [K, 3, S, S] in [0, 1]: the batch's keyframes, row by row, slot by slot
-``keyframe_counts``   long [B]: slots per row
-``row_lengths``       long [B]: ids per row before the padding
-====================  ==========================================================================
-
-plus ``questions`` in validation (as ``InstructionSequenceView``), each with its ``keyframe_images``.
+On this path the LLM reads each keyframe as features the stage computes with gradients (the keyframe tokenizer's
+merger and ``vit_proj``), so rows cannot hold keyframe ids: ``ContinuousInstructionView`` reads the decomposed
+video shards, codes the motion with the frozen motion tokenizer and gives, per conversation, its ids with one
+``KEYFRAME_SLOT_ID`` per clip and the clips' keyframe images. Conversations, turns, templates, skips and held-out
+questions are ``InstructionSequenceView``'s. How the pieces fit (why rows are not packed, where they are cut):
+docs/design.md §8 ("Keyframes as codes or as features"); batch keys: ``ContinuousInstructionView.collate``.
 """
 
 from __future__ import annotations
@@ -50,10 +31,11 @@ from videolavit.video import errors
 
 
 class ContinuousInstructionView(InstructionSequenceView):
-    """Conversation rows with keyframe slots and images (module docstring). Arguments as
+    """Conversation rows with keyframe slots and images (docs/design.md §8), one conversation per row. Arguments as
     ``InstructionSequenceView`` (image conversations, packing and ``keyframe_source`` do not apply);
-    ``tokenizer_exports`` (the motion tokenizer) is required, and ``vocabulary`` defaults to the one
-    ``tokenizer_path`` records when it is an LLM export."""
+    ``tokenizer_exports`` (the motion tokenizer) is required; ``image_tokenizer_export`` (whose input size the
+    keyframes are resized and centre-cropped to) defaults to it, since an imported SFT export holds both; and
+    ``vocabulary`` defaults to the one ``tokenizer_path`` records when it is an LLM export."""
 
     name = "continuous_instruction"
     need_video = True
@@ -126,6 +108,19 @@ class ContinuousInstructionView(InstructionSequenceView):
             yield row
 
     def collate(self, examples: list[dict]) -> dict:
+        """Rows -> a batch, right-padded to the longest row (the stage splices the features in and cuts each row
+        to its ``max_sequence_length``), with these keys:
+
+        ====================  ==========================================================================
+        ``input_ids``         long [B, L]; ``KEYFRAME_SLOT_ID`` where a keyframe's features go; pad id after the row
+        ``labels``            long [B, L]; assistant targets, else -100 (slots and padding included)
+        ``keyframe_images``   float [K, 3, S, S] in [0, 1]: the batch's keyframes, row by row, slot by slot
+        ``keyframe_counts``   long [B]: slots per row
+        ``row_lengths``       long [B]: ids per row before the padding
+        ====================  ==========================================================================
+
+        plus ``questions`` in validation (as ``InstructionSequenceView.collate``), each with its ``keyframe_images``.
+        """
         width = max(len(e["input_ids"]) for e in examples)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(examples), width), pad, dtype=torch.long)

@@ -1,62 +1,11 @@
 """Instruction-tuning view for stage 3 (docs/design.md §8): video (and image) conversations -> token rows.
 
-``InstructionSequenceView`` reads token shards (``python -m videolavit tokenize``), as stage 2 does. Joining the
-conversations to the videos: the conversations are held in memory, indexed by video key (10^5-10^6 annotation
-records are small next to the video corpus' ids), and the token shards stream past; each token sample whose key
-has conversations yields them, the others are counted (``no_conversation``). So memory grows with the
-annotation file, never with the video corpus, and the shards keep their rank/worker split. The annotation files:
-
-* our synthetic corpus' ``qa.json`` (``[{"video_id", "question", "answer", "attribute"}]``; each video has
-  one shape, one colour and one direction question),
-* Video-ChatGPT / VideoInstruct-100K JSON (``[{"video_id", "q", "a"}]``, or the LLaVA conversation form
-  with ``"video"``),
-
-and the video's clip ids come from its token sample exactly as in stage 2 (``datamodules.llm_views.VideoTokenView``:
-the same clip selection, keyframe and motion ids, checks). The clip ids replace the ``<video>
-placeholder of the first user turn and the conversation is encoded with the "v1" template
-(``videolavit.llm.conversation``): labels are -100 everywhere except the assistant turns and the eos
-that closes each of them.
-
-A second, optional source mixes in LLaVA image conversations (LLaVA-665k JSON: ``"image"`` paths relative
-to ``image_root``; items without an image are text-only conversations): each image is read from its local
-file, resized and centre-cropped to the keyframe tokenizer's input, and tokenised into
-``[IMG] codes [/IMG]`` by the keyframe tokenizer (``image_tokenizer_export``, default ``tokenizer_exports``).
-``weights`` mix the sources in conversations, as stage 2 mixes text.
-
-Several conversations of one video (``turns``):
-
-* ``"separate"`` (default): every annotation item is its own example (the video repeated in each). The
-  tiny run uses this: training then has exactly the single-question prompts it is evaluated on.
-* ``"merged"``: one multi-turn conversation per video (the video once, in the first user turn); turn order
-  is shuffled in training (seeded) and kept in validation. Cheaper when the video is long.
-
-Lengths: conversations are never split across rows. One longer than ``seq_len`` is, by ``overlong``,
-``"skip"``-ped (default; counted as ``conversation_too_long``) or ``"truncate"``-d to ``seq_len`` tokens
-like LLaVA's ``model_max_length`` (counted in ``instruct_stats.truncated``; skipped as ``conversation_too_long`` if
-no target survives). ``pack=True`` packs conversations leak-free (``pack_documents``: positions restart
-per conversation, no conversation attends to another), ``pack=False`` gives one conversation per row
-(LLaVA's batch counts conversations; the full-scale config does this).
-
-Skips (counted by reason in ``data/skipped/<reason>``, never a crash): ``no_conversation`` (a shard video
-without annotations), ``conversation_too_long``, ``missing_image``/``unreadable_image`` (image source),
-``unsupported_media`` (a video item in the image file), plus the usual decoding reasons.
-
-Batch keys (``collate``; ``B`` rows of ``L = seq_len``): exactly those of ``PretrainSequenceView``, so the
-stage-2 loss code runs unchanged -
-
-==================  ============================================================================
-``input_ids``       long [B, L]; padding = the tokenizer's pad id
-``labels``          long [B, L]; the token where it is an assistant target, else -100
-``position_ids``    long [B, L]; restart at 0 for every conversation and for the padding tail
-``document_ids``    long [B, L]; conversation index within the row, -1 on padding
-``modality``        long [B, L]; ``Vocabulary.modality_of(input_ids)``
-``cu_seqlens``      int32 [segments + 1]; ``max_seqlen`` int
-==================  ============================================================================
-
-plus, in validation only, ``questions``: a list (over the batch) of held-out questions of the videos read
-so far, ``{"id", "video", "question", "answer", "attribute", "prompt_ids"}`` with ``prompt_ids`` the
-generation prompt (``... USER: <video ids>\\n{question} ASSISTANT:``) - stage 3 answers some of them
-greedily at the end of validation. Every validation question travels in exactly one batch.
+Stage 3 trains on conversations about videos, so ``InstructionSequenceView`` reads the same token shards
+(``python -m videolavit tokenize``) and the same clip ids as stage 2 (``VideoTokenView``) and joins annotation
+files to them by video key: the conversations are held in memory while the shards stream past, so memory grows
+with the annotation file, never with the video corpus. LLaVA image conversations can be mixed in. Annotation
+formats, ``turns``, length rules and skips: docs/design.md §8 ("Instruction-tuning data"); batch keys:
+``InstructionSequenceView.collate``.
 """
 
 from __future__ import annotations
@@ -165,7 +114,7 @@ ALL_TOO_LONG_AFTER = 64  # this many conversations too long for a row, and none 
 
 
 class InstructionSequenceView(VideoTokenView):
-    """Conversation rows for stage 3 (module docstring: sources, skips, batch keys).
+    """Conversation rows for stage 3 (docs/design.md §8: sources, turns, lengths, skips; batch keys: ``collate``).
 
     Args:
         tokens: what every LLM view shares (``TokenSource``: tokenizer, vocabulary, seq_len, exports, clips, ...).
@@ -412,6 +361,23 @@ class InstructionSequenceView(VideoTokenView):
             pending.clear()
 
     def collate(self, examples: list[PackedRow]) -> dict:
+        """Rows -> a batch (``B`` rows of ``L = seq_len``) with exactly the keys of ``PretrainSequenceView``, so the
+        stage-2 loss code runs unchanged:
+
+        ==================  ============================================================================
+        ``input_ids``       long [B, L]; padding = the tokenizer's pad id
+        ``labels``          long [B, L]; the token where it is an assistant target, else -100
+        ``position_ids``    long [B, L]; restart at 0 for every conversation and for the padding tail
+        ``document_ids``    long [B, L]; conversation index within the row, -1 on padding
+        ``modality``        long [B, L]; ``Vocabulary.modality_of(input_ids)``
+        ``cu_seqlens``      int32 [segments + 1]; ``max_seqlen`` int
+        ==================  ============================================================================
+
+        plus, in validation only, ``questions``: a list (over the batch) of held-out questions of the videos read
+        so far, ``{"id", "video", "question", "answer", "attribute", "prompt_ids"}`` with ``prompt_ids`` the
+        generation prompt (``... USER: <video ids>\\n{question} ASSISTANT:``); stage 3 answers some of them
+        greedily at the end of validation. Every validation question travels in exactly one batch.
+        """
         batch = super().collate(examples)
         if any(isinstance(row, InstructRow) for row in examples):
             batch["questions"] = [q for row in examples for q in getattr(row, "questions", [])]

@@ -1,36 +1,11 @@
 """Stage 3: instruction tuning of the LLM on video (and image) conversations (paper §4; docs/design.md §8).
 
-The stage is stage 2's ``PretrainStage`` - the same ``LlamaForCausalLM`` with split vocabulary rows,
-FSDP2 via ``ModelParallelStrategy.configure_model``, activation checkpointing, per-modality logs and the
-same Hugging Face export (so ``videolavit.inference.video_chat`` loads either) - started from the stage-2
-export and fed by ``datamodules.instruct_views.InstructionSequenceView``:
-
-* **Start.** ``init_from`` is the stage-2 export directory (LLM weights, tokenizer, vocabulary JSON),
-  loaded with transformers from the local directory. The architecture, tokenizer and id layout come from
-  ``llm_path`` (default: ``init_from``). Resuming is ``--ckpt_path last --model.init_from null`` (the CLI
-  refuses both); the config keeps ``llm_path`` set so the model can be built without ``init_from``.
-* **Loss.** Next-token cross-entropy where ``labels != -100``: the view labels the assistant turns (and
-  their closing eos) only, so system prompt, user turns and the video tokens carry no loss.
-  ``train/loss`` and ``val/loss`` (token-weighted over all ranks) as in stage 2.
-* **Answers.** At the end of each validation (not the sanity check), the first ``qa_eval_questions``
-  held-out questions (sorted by id, gathered from all ranks) are answered greedily with text ids only
-  (``generate_text``) and scored by exact match after normalisation (``QAScore``): ``val/qa_accuracy``
-  and, when the annotations name attributes, ``val/qa_accuracy_<attribute>``. Every rank decodes the same
-  prompts with ``generate(synced_gpus=True)`` when several ranks run - under FSDP2 a rank that stopped
-  early would leave the others waiting in an all-gather - and rank 0's logger records it. 0 disables it.
-* **Keyframes** (``keyframe_input``, default: what ``llm_path``'s export records, ``videolavit_llm.json``):
-  ``"codes"`` (our stage-2 exports) reads rows of ids; ``"continuous"`` (an imported release SFT model,
-  ``videolavit.llm.keyframe_features``) reads ``datamodules.continuous_instruct_views.ContinuousInstructionView``
-  batches: the keyframe encoder of ``llm_path`` (its ``keyframe_tokenizer.*``) computes each keyframe's features,
-  which are spliced between ``[IMG]`` and ``[/IMG]`` (no loss on them) and the row truncated to
-  ``max_sequence_length``. Trained: the LLM, the encoder's token merger and ``vit_proj`` (what the release trains
-  with its LLM); frozen and never checkpointed: the ViT, the selector and the codebook heads (the release runs
-  them without gradients). Under several ranks the encoder is replicated and its gradients averaged. The export
-  holds the trained encoder (``keyframe_tokenizer.*``, its ViT referenced where ``llm_path``'s is), the motion
-  tokenizer of ``llm_path`` and ``keyframe_input: continuous``, so ``chat`` and a later run read it again.
-* **Optimiser.** LLaVA-v1.5 (``default_optimizer``): AdamW lr 2e-5 for every parameter (the new vocabulary
-  rows included: no ``extra_lr``), betas (0.9, 0.999), eps 1e-8, weight decay 0, cosine to 0 with
-  ``warmup_ratio`` (3%) of the steps as linear warm-up.
+Stage 3 teaches the pre-trained LLM to answer questions about videos. It is stage 2's ``PretrainStage`` (the same
+model, sharding, logs and Hugging Face export, so ``videolavit.inference.video_chat`` loads either) started from
+the stage-2 export and fed by ``datamodules.instruct_views.InstructionSequenceView`` (an imported release SFT
+model: ``datamodules.continuous_instruct_views.ContinuousInstructionView``). It adds held-out answers scored at
+each validation and LLaVA-v1.5's optimiser. Start and resume, loss, answers, the continuous keyframe path and the
+optimiser: docs/design.md §8 ("Stage 3", "Keyframes as codes or as features").
 """
 
 from __future__ import annotations
@@ -74,7 +49,7 @@ class InstructStage(PretrainStage):
         attn_implementation, activation_checkpointing, fsdp_param_dtype, fsdp_reshard_after_forward, load_dtype,
         export_dtype, optimizer, export_dir, max_nonfinite_steps, chat_template: as ``PretrainStage`` (set
             ``chat_template`` to the data's ``template``).
-        keyframe_input: ``"codes"`` | ``"continuous"`` (module docstring); None: what ``llm_path`` records.
+        keyframe_input: ``"codes"`` | ``"continuous"`` (docs/design.md §8); None: what ``llm_path`` records.
         max_sequence_length: rows on the continuous path are cut to this many positions after the keyframe
             features are spliced in (the release's ``tokenizer_model_max_length``).
     """
