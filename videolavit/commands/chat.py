@@ -10,15 +10,9 @@ prints the answer. Batch mode::
     python -m videolavit chat --model DIR --tokenizers DIR --qa-file qa.json --videos VIDEO_DIR \\
         --out predictions.jsonl
 
-reads the questions (our synthetic ``qa.json``: ``video_id/question/answer/attribute``; Video-ChatGPT
-evaluation JSON: ``video_name`` (or ``video_id``), ``Q``/``question``/``q``, ``A``/``answer``/``a``, optional
-``question_id``/``id``), decomposes and tokenises each video once, and writes one JSON line per question in
-the Video-ChatGPT evaluation format ``{"id", "video_name", "question", "answer", "pred"}`` (plus
-``attribute`` when the file has one). Videos that cannot be used (not found, unreadable, too short, ...)
-are skipped with their reason and counted, never stopping the run; their questions get no line. When
-every reference answer is one word, exact-match accuracy (normalised case and punctuation) over the
-answered questions is printed, overall and per attribute, and written to ``<out>.accuracy.json``
-(``predictions.jsonl`` -> ``predictions.accuracy.json``).
+answers every question of a QA file (formats: ``read_eval_questions``) into Video-ChatGPT-style predictions
+(``answer_qa_file``); unusable videos are counted skips, never the end of the run, and exact-match accuracy is
+printed where it means something (docs/design.md §9).
 """
 
 from __future__ import annotations
@@ -80,7 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------- QA files
 def read_eval_questions(path: str | Path) -> list[dict]:
-    """Questions as ``{"id", "video_name", "question", "answer", "attribute"}`` from a supported QA file."""
+    """Questions as ``{"id", "video_name", "question", "answer", "attribute"}`` from a supported QA file: our
+    synthetic ``qa.json`` (``video_id/question/answer/attribute``) or Video-ChatGPT evaluation JSON
+    (``video_name`` or ``video_id``, ``Q``/``question``/``q``, ``A``/``answer``/``a``, optional
+    ``question_id``/``id``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"QA file {path} does not exist")
@@ -123,7 +120,13 @@ def find_video(directory: Path, name: str) -> Path | None:
 
 def answer_qa_file(questions: list[dict], videos: str | Path, out: str | Path, answer: AnswerFunction) -> dict:
     """Answer every question (grouped by video), write the predictions JSONL and return a summary:
-    ``{"answered", "skipped": {reason: videos}, "accuracy": QAScore summary or None}``."""
+    ``{"answered", "skipped": {reason: videos}, "accuracy": QAScore summary or None}``.
+
+    Each video is decomposed and tokenised once. One JSON line per answered question, in the Video-ChatGPT
+    evaluation format ``{"id", "video_name", "question", "answer", "pred"}`` (plus ``attribute`` when the file
+    has one). A video that cannot be used (not found, unreadable, too short, ...) is skipped with its reason and
+    counted; its questions get no line. The accuracy (exact match after ``normalize_answer``, overall and per
+    attribute, over the answered questions) is computed only when every reference answer is one word."""
     from videolavit.inference.video_chat import QAScore, VideoInputError, is_one_word
 
     videos, out = Path(videos), Path(out)
@@ -164,6 +167,7 @@ def answer_qa_file(questions: list[dict], videos: str | Path, out: str | Path, a
 
 
 def accuracy_path(out: str | Path) -> Path:
+    """Where the summary goes when there is an accuracy: ``predictions.jsonl`` -> ``predictions.accuracy.json``."""
     out = Path(out)
     return out.with_name(f"{out.stem}.accuracy.json")
 

@@ -1,26 +1,14 @@
 """Video chat: answer a question about a video with a trained LLM (stage 2 or stage 3 export).
 
-The path is the training path, run once on one video:
+A chat answers from the ids the LLM was trained on: the video is decomposed as ``prepare`` does, tokenised by
+the tokenize job's own video coder and put into the conversation template's generation prompt, then decoded with
+text ids only (the steps: docs/design.md §8, "Chat"). Errors a user can act on are named:
+``ModelDirectoryError`` (missing or corrupt LLM export directory), ``TokenizerExportError`` (missing stage-1
+exports) and ``VideoInputError`` (a video that cannot be used; its ``reason`` is one of ``videolavit.video.errors``,
+e.g. ``unreadable`` or ``too_short``).
 
-1. ``decompose_video`` (6 fps MPEG-4 re-encode + motion vectors, docs/design.md §4) with the same settings and
-   the same clip selection (``select_clip_starts``, ``max_clips``) as ``prepare``;
-2. the frozen stage-1 tokenizers turn each clip into ``[IMG] keyframe codes [/IMG] [MOV] motion codes
-   [/MOV]`` - the video coder of the tokenize job that wrote the training token shards
-   (``videolavit.llm.video_codes.VideoCoder``), so the ids equal the ones the LLM was trained on;
-3. the "v1" conversation template (``videolavit.llm.conversation``) builds the prompt
-   ``{system} USER: <video>\\n{question} ASSISTANT:`` with the video ids in place of ``<video>``;
-4. greedy (or sampled) decoding with transformers' ``generate``, every non-text id suppressed
-   (``TextOnlyConstraint`` as a logits processor), stopping at eos; the text is decoded and stripped.
-
-Errors a user can act on are named: ``ModelDirectoryError`` (missing or corrupt LLM export directory),
-``TokenizerExportError`` (missing stage-1 exports) and ``VideoInputError`` (a video that cannot be used;
-its ``reason`` is one of ``videolavit.video.errors``, e.g. ``unreadable`` or ``too_short``).
-
-The keyframe tokenizer of tiny runs samples which patches it keeps (``eval_selection="sample"``); the
-tokenisation is seeded per call (``seed``) so the same video always gives the same answer.
-
-``generate_text`` (decoding) and ``QAScore`` (exact-match accuracy, overall and per attribute)
-are shared with stage 3's validation (``stages.instruct``) and the ``chat`` command.
+``generate_text`` (decoding) and ``QAScore`` (exact-match accuracy, overall and per attribute) are shared with
+stage 3's validation (``stages.instruct``) and the ``chat`` command.
 """
 
 from __future__ import annotations

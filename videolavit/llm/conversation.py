@@ -1,37 +1,11 @@
 """Instruction-tuning conversations: the LLaVA "v1" template, turn masking, and dataset readers.
 
-Rendering (LLaVA ``SeparatorStyle.TWO``, roles USER/ASSISTANT, sep " ", sep2 "</s>"):
-
-    {system} USER: <video>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
-
-and a generation prompt ends with ``ASSISTANT:``. Encoding gives ``input_ids`` and aligned ``labels``
-(``sequences`` conventions) with the loss ONLY on assistant turns: the text after ``ASSISTANT:``
-(its leading space included, since at inference the prompt ends at the colon), and the closing
-``sep2`` with its eos. System prompt, user turns, role names and bos are never targets; visual ids in
-a user turn are never targets (as in the release, where "the visual part does not calculate loss").
-
-How ids are made: every special id (bos, eos, the visual ids replacing ``<video>``/``<image>``) is
-inserted by id; the text between them is tokenized as one run with ``split_special_tokens=True`` (a
-literal "</s>" typed by a user stays text), and labels follow each token's character offsets. So the
-ids equal tokenizing the rendered string split at placeholders - what LLaVA and the release do at
-inference - whatever the tokenizer's merge rules, and the mask is exact.
-
-Hugging Face chat template: ``ConversationTemplate.chat_template()`` is the same format as Jinja, which the
-LLM stages' exports store as ``tokenizer.chat_template``. ``apply_chat_template(messages,
-add_generation_prompt=True)`` renders ``render`` with bos in front; messages are
-``{"role": "system"|"user"|"assistant", "content": str | list}`` (a system message replaces the
-system prompt; in a content list ``{"type": "video"}`` / ``{"type": "image"}`` renders as
-``<video>\\n`` / ``<image>\\n``, LLaVA's placement, and ``{"type": "text", "text": ...}`` as its text).
-Visual codes have no text form: the rendered string keeps the placeholder and
-``encode_rendered(text, tokenizer, visual_ids)`` puts each clip's ids in its place, giving the ids of
-``encode``/``generation_prompt`` (for tokenizers that tokenize text after a special token as at the
-start of a string, as byte-level BPE does). A literal "</s>" or "[IMG]" typed by a user is kept as
-text only by ``encode`` (``split_special_tokens``); ``apply_chat_template`` reads it as the token.
-
-Template choice: LLaVA v1.5 (``LLAVA_V1``, sep2 "</s>") is the paper's recipe and the default. The
-release's ``default_conversation`` differs only in sep2 = ``" \\\\n </s>"`` (a literal backslash-n,
-with its stop string ``"\\\\n"``); ``VIDEO_LAVIT_RELEASE`` reproduces it for multi-turn chat with the
-released weights. Both render the same single-turn generation prompt.
+Instruction tuning puts the loss on the assistant turns only, and the ids it trains on must equal the ids
+inference builds, whatever the tokenizer's merge rules. ``ConversationTemplate`` renders a conversation, encodes
+it into ``input_ids`` and aligned ``labels`` (``sequences`` conventions) and gives the same format as a Hugging
+Face chat template for the exports; ``LLAVA_V1`` (the paper's, the default) and ``VIDEO_LAVIT_RELEASE`` (the
+release's separator) are its two instances. The readers turn LLaVA, Video-ChatGPT and synthetic QA files into
+``ConversationSample``s. Rendering, masking and id rules: docs/design.md §8 ("Conversation templates").
 """
 
 from __future__ import annotations
@@ -129,7 +103,7 @@ class ConversationTemplate:
         return self.encode([*messages, Message("assistant", None)], tokenizer, visual_ids).input_ids
 
     def chat_template(self) -> str:
-        """This template as a Hugging Face (Jinja) chat template; see the module docstring."""
+        """This template as a Hugging Face (Jinja) chat template (docs/design.md §8)."""
         def lit(text: str) -> str:  # a Jinja string literal (JSON escapes are Jinja escapes too)
             return json.dumps(text)
 

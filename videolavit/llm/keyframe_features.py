@@ -1,21 +1,12 @@
 """How an LLM reads keyframes: as code ids, or as continuous features (the release's understanding model).
 
-An LLM export records its choice in ``videolavit_llm.json`` (``keyframe_input``):
-
-* ``"codes"`` (default; what our stages train): a clip is ``[IMG] keyframe codes [/IMG] [MOV] motion codes
-  [/MOV]``, all ids (``videolavit.llm.video_codes``).
-* ``"continuous"`` (the release's ``language_model_sft/``): the keyframe enters as the keyframe tokenizer's
-  continuous features - the frozen ViT's patches, the frozen selector's keep decisions (a hard Gumbel sample,
-  as the release's ``encode_features`` draws at inference), the token merger over the kept patches and
-  ``vit_proj`` into the LLM's embedding width - between the embeddings of ``[IMG]`` and ``[/IMG]``; motion
-  stays ids. Id sequences of this path hold ``KEYFRAME_SLOT_ID`` once per keyframe where its features go
-  (``splice_keyframe_features``); the slot's rows carry no loss (the release: "the visual part does not
-  calculate loss"). Training reaches the merger and ``vit_proj`` (the release computes them with gradients,
-  and its ``visual_weight.bin`` holds "the token merger weight trained with LLM"); the ViT and the selector
-  run without gradients, as in the release.
-
-The keyframe encoder of a continuous export is a keyframe tokenizer export (``keyframe_tokenizer.*``) inside
-the LLM directory: its merger and ``vit_proj`` are the ones trained with that LLM.
+Our stages train LLMs that read keyframe code ids; the release's SFT model reads each keyframe as the keyframe
+tokenizer's continuous features. An LLM export records which in ``videolavit_llm.json`` (``keyframe_input``:
+``"codes"`` or ``"continuous"``). This module holds what the continuous path needs: the spec file, the features
+(``continuous_keyframe_features``), id sequences with one ``KEYFRAME_SLOT_ID`` per keyframe
+(``continuous_clip_ids``) and their embeddings with the features spliced in (``splice_keyframe_features``). What
+is frozen and what trains, and how stage 3 and chat use it: docs/design.md §8 ("Keyframes as codes or as
+features").
 """
 
 from __future__ import annotations

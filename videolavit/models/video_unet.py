@@ -1,32 +1,12 @@
 """The video detokenizer's 3-D U-Net (docs/design.md §7): SVD img2vid-xt's layout with per-frame motion context.
 
-The network is diffusers' ``UNetSpatioTemporalConditionModel`` with the same modules and parameter names,
-so Stable Video Diffusion weights load into it (``load_svd_unet_weights``). Two things differ, both in the
-forward pass only:
-
-* **Input.** Each frame's input is noisy latent (C) ‖ keyframe latent (C, the same for every frame) ‖
-  motion field resized to the latent size (2): ``2C + 2`` channels (10 for a 4-channel VAE, 8 for RGB).
-* **Enhanced motion conditioning.** The cross-attention context is the motion-condition encoder's
-  per-frame output ``[b, T, N, D]`` (N = the encoder's gh×gw grid) instead of SVD's one CLIP image token.
-  - *Spatial* cross-attention (``transformer_blocks.*.attn2``, per frame): frame t attends to its own N
-    motion tokens. Stock diffusers repeats one ``[b, N, D]`` context over all frames.
-  - *Temporal* cross-attention (``temporal_transformer_blocks.*.attn2``, per feature-map location, the
-    sequence being the T frames): stock diffusers gives every location frame 0's context. Here each
-    location (i, j) of an h×w feature map attends over the T tokens of *its own place* in the motion
-    grid, one per frame: the context grid is resampled from gh×gw to h×w, so location (i, j) sees the
-    trajectory of the motion under it — when something arrives, how it moves, when it leaves. How it is
-    resampled is ``temporal_context_resize``: ``"nearest"`` (the release's, and the paper's §3.2 for the
-    motion input: each location takes the token of the grid cell it falls in) or ``"bilinear"`` (ours:
-    anti-aliased when shrinking, so a coarse level sees the mean of the cells it covers, not one of them).
-    This keeps the temporal layers local like the motion itself, costs T keys per query (not N), and
-    needs no new parameters. (A global alternative, every location attending to the T
-    per-frame means, would tell a pixel that *something* moves, not whether it is the thing moving.)
-
-Each of diffusers' ``TransformerSpatioTemporalModel`` is replaced by a ``MotionTransformerSpatioTemporal``
-built from its config (same parameters, own forward) that takes over its tensors, so the state-dict layout
-stays SVD's. With gradient checkpointing on (``enable_gradient_checkpointing``) each of them is recomputed
-whole in the backward pass, temporal blocks and time mixer included, not only its spatial blocks as in
-diffusers: at the finest level those hold most of a training step's activations.
+g_V starts from Stable Video Diffusion's weights yet is conditioned on motion, frame by frame and place by place.
+``VideoUNet`` is diffusers' ``UNetSpatioTemporalConditionModel`` with the same modules and parameter names
+(``load_svd_unet_weights`` loads SVD into it); only the forward pass differs: the input holds the keyframe latent
+and the motion field beside the noisy latent, spatial cross-attention gives each frame its own motion tokens, and
+temporal cross-attention gives each feature-map location the motion at its own place
+(``MotionTransformerSpatioTemporal``, ``per_location_motion_context``). Why it is built this way, and what
+gradient checkpointing recomputes: docs/design.md §7.
 """
 
 from __future__ import annotations
@@ -131,7 +111,7 @@ def per_location_motion_context(context: torch.Tensor, grid: tuple[int, int], si
 
 class MotionTransformerSpatioTemporal(TransformerSpatioTemporalModel):
     """diffusers' spatio-temporal transformer with per-frame spatial context and per-location temporal
-    context (module docstring). ``motion_grid`` is set by ``VideoUNet``."""
+    context (docs/design.md §7). ``motion_grid`` is set by ``VideoUNet``."""
 
     motion_grid: tuple[int, int]
     context_resize: str = "bilinear"
@@ -202,7 +182,7 @@ class TemporalConv3d(nn.Conv3d):
     """SVD's temporal convolutions (kernel (k, 1, 1)) run as 2-D convolutions over [b, C, T, h·w].
 
     Same parameters, same result: CPU builds of PyTorch have no fast kernel for 3-D convolutions and fall
-    back to a generic one that costs about a fifth of a tiny U-Net's training step; the 2-D kernel does not.
+    back to a slow generic one (its cost: docs/measurements.md); the 2-D kernel is fast.
     """
 
     @staticmethod
@@ -233,7 +213,7 @@ _D = VideoUNetConfig  # its field defaults are VideoUNet's constructor defaults
 
 
 class VideoUNet(UNetSpatioTemporalConditionModel):
-    """SVD's spatio-temporal U-Net conditioned per frame on motion context (module docstring).
+    """SVD's spatio-temporal U-Net conditioned per frame on motion context (docs/design.md §7).
 
     A diffusers ``ModelMixin``/``ConfigMixin`` whose registered config is :class:`VideoUNetConfig`'s fields:
     ``save_pretrained`` writes them to ``config.json`` and ``VideoUNet.from_pretrained(folder)`` rebuilds the

@@ -1,20 +1,11 @@
 """Import a Video-LaVIT release directory (``videolavit.release.layout``) into our exports layout.
 
-What it writes into ``out`` (what ``TextToVideo.from_directory``, ``chat`` and the stages' ``init_from`` read):
-``motion_tokenizer.{json,safetensors}``, ``keyframe_tokenizer.{json,safetensors}`` (+ its ViT in
-``keyframe_tokenizer_backbone.safetensors``), ``keyframe_feature_decoder.{json,safetensors}`` (the release's
-``highres_tokenizer_decoder.bin``: the keyframe tokenizer stage's decoder and g_I's condition decoder), ``keyframe_detokenizer/`` and ``video_detokenizer/`` (diffusers-style
-directories: ``unet/``, ``scheduler/``, ``vae/``, and the rest in ``{name}.{json,safetensors}``), and ``pretrain/`` (``language_model/``) and ``instruct/``
-(``language_model_sft/``) LLM directories with safetensors weights, a fast tokenizer,
-``videolavit_vocabulary.json`` and ``videolavit_llm.json`` (``keyframe_input``: ``codes`` for the generation LLM,
-``continuous`` for the SFT model, whose directory also gets its own ``keyframe_tokenizer.*`` and
-``motion_tokenizer.*``: see ``UnderstandingParts``). Every export records the release behaviour (``release_behaviour.json``,
-g_V's ``release_behaviour`` config, g_I's DDIM / ancestral sampler from the release's scheduler).
-
+Holders of the released weights can then run inference, ``chat`` and the stages' ``init_from`` on them as on our
+own exports. ``import_release`` writes every component: the tokenizers, the keyframe feature decoder, both
+detokenizers and the LLM directories, each recording the release behaviour (what goes where: docs/design.md §12).
 Every weight file is read with ``torch.load(weights_only=True)`` (``checkpoint.load_bin_state_dict``) and
-re-written as safetensors. Sizes are the release's unless ``sizes`` overrides them (reduced test
-directories); loading is strict, and every missing, unexpected or mis-shaped file or key is a
-``ReleaseImportError`` naming it.
+re-written as safetensors. Sizes are the release's unless ``sizes`` overrides them (reduced test directories);
+loading is strict, and every missing, unexpected or mis-shaped file or key is a ``ReleaseImportError`` naming it.
 """
 
 from __future__ import annotations
@@ -448,7 +439,7 @@ class UnderstandingParts:
 
 
 def import_release(release: str | Path, out: str | Path, sizes: dict | None = None) -> ImportReport:
-    """Import every component of ``release`` into ``out`` (module docstring); ``sizes``: per section of
+    """Import every component of ``release`` into ``out`` (docs/design.md §12); ``sizes``: per section of
     ``SIZE_SECTIONS``, constructor arguments that replace the release's sizes."""
     release, out = Path(release), Path(out)
     if not release.is_dir():
