@@ -11,11 +11,13 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from videolavit.models.motion_condition_encoder import MotionConditionEncoderConfig
 from videolavit.models.video_detokenizer import VideoDetokenizerConfig
 from videolavit.models.video_unet import VideoUNetConfig
+from videolavit.release.importer import import_release
 
 REFERENCE_FILE = Path(__file__).parent / "data" / "release_reference.json"
 
@@ -227,6 +229,30 @@ def fabricate_release(root: Path) -> dict:
              "video_detokenizer": {"frame_size": [32, 32], "num_frames": 24}}
     return {"sizes": sizes, "motion": motion, "keyframe": keyframe, "decoder": decoder, "image_unet": image_unet,
             "video": g_v, "llms": llms, "understanding_keyframe": made_understanding}
+
+
+# Module fixtures: a test module imports both (``from tests.release_fixtures import exports, release``) and gets
+# its own fabricated release and import.
+IMPORTED_PARTS = ["motion_tokenizer", "keyframe_tokenizer", "keyframe_detokenizer", "video_detokenizer", "pretrain",
+                  "instruct"]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> tuple[Path, dict]:
+    """(a fabricated release directory, what ``fabricate_release`` made)."""
+    root = tmp_path_factory.mktemp("release")
+    made = fabricate_release(root / "Video-LaVIT-v1")
+    return root / "Video-LaVIT-v1", made
+
+
+@pytest.fixture(scope="module")
+def exports(release, tmp_path_factory) -> Path:
+    """The exports directory ``release`` imports into, every part written."""
+    directory, made = release
+    out = tmp_path_factory.mktemp("exports")
+    report = import_release(directory, out, made["sizes"])
+    assert report.written == IMPORTED_PARTS
+    return out
 
 
 

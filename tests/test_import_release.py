@@ -10,25 +10,8 @@ import shutil
 import pytest
 import torch
 
-from tests.release_fixtures import fabricate_release
+from tests.release_fixtures import exports, release  # noqa: F401  (module fixtures, rebuilt for this module)
 from videolavit.release.importer import ReleaseImportError, import_release
-
-
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    root = tmp_path_factory.mktemp("release")
-    made = fabricate_release(root / "Video-LaVIT-v1")
-    return root / "Video-LaVIT-v1", made
-
-
-@pytest.fixture(scope="module")
-def exports(release, tmp_path_factory):
-    directory, made = release
-    out = tmp_path_factory.mktemp("exports")
-    report = import_release(directory, out, made["sizes"])
-    assert report.written == ["motion_tokenizer", "keyframe_tokenizer", "keyframe_detokenizer", "video_detokenizer",
-                              "pretrain", "instruct"]
-    return out
 
 
 def test_tokenizers_give_the_source_ids(release, exports):

@@ -6,28 +6,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
-from tests import release_fixtures as F
+from tests.release_fixtures import exports, release  # noqa: F401  (module fixtures, rebuilt for this module)
 from videolavit.__main__ import main
-from videolavit.release.importer import import_release
-
-
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    root = tmp_path_factory.mktemp("release")
-    made = F.fabricate_release(root / "Video-LaVIT-v1")
-    return root / "Video-LaVIT-v1", made
-
-
-@pytest.fixture(scope="module")
-def exports(release, tmp_path_factory):
-    directory, made = release
-    out = tmp_path_factory.mktemp("exports")
-    import_release(directory, out, made["sizes"])
-    return out
 
 
 def continuous_view(exports: Path, corpus: Path, **kwargs):

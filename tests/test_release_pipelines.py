@@ -9,21 +9,11 @@ import warnings
 import numpy as np
 import pytest
 
-from tests import release_fixtures as F
+from tests.release_fixtures import exports, release  # noqa: F401  (module fixtures: a fabricated release, imported)
 from tests.test_evaluation_protocols import weights  # noqa: F401  (module fixture: random metric networks)
 from videolavit.__main__ import main
-from videolavit.release.importer import import_release
 
 FAST = ["--video-steps", "2", "--keyframe-steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("release")
-    made = F.fabricate_release(root / "Video-LaVIT-v1")
-    out = tmp_path_factory.mktemp("exports")
-    import_release(root / "Video-LaVIT-v1", out, made["sizes"])
-    return out
 
 
 def frames_of(path):

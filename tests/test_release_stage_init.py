@@ -7,22 +7,11 @@ from __future__ import annotations
 import warnings
 
 import lightning.pytorch as pl
-import pytest
 import torch
 
-from tests import release_fixtures as F
-from videolavit.release.importer import import_release
+from tests.release_fixtures import exports, release  # noqa: F401  (module fixtures, rebuilt for this module)
 
 LR = 1e-7  # one step moves every weight by about lr (Adam): the imported values stay visible
-
-
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("release")
-    made = F.fabricate_release(root / "Video-LaVIT-v1")
-    out = tmp_path_factory.mktemp("exports")
-    import_release(root / "Video-LaVIT-v1", out, made["sizes"])
-    return out, made
 
 
 def fit_one_step(stage, batch) -> None:
@@ -46,11 +35,11 @@ def assert_started_from(trained: dict, source: dict, names) -> None:
     assert moved
 
 
-def test_motion_tokenizer_stage(imported):
+def test_motion_tokenizer_stage(release, exports):
     from stages.motion_tokenizer import MotionTokenizerStage
     from videolavit.models.motion_tokenizer import MotionTokenizerConfig
 
-    exports, made = imported
+    made = release[1]
     stage = MotionTokenizerStage(MotionTokenizerConfig.preset("release", **made["sizes"]["motion_tokenizer"]),
                                  init_from=str(exports))
     fit_one_step(stage, {"motion": 10 * torch.randn(2, 2, 24, 20, 36)})
@@ -59,12 +48,12 @@ def test_motion_tokenizer_stage(imported):
     assert_started_from(trained, source, [k for k in source if "encoder" in k and source[k].is_floating_point()])
 
 
-def test_keyframe_tokenizer_stage(imported):
+def test_keyframe_tokenizer_stage(release, exports):
     from stages.keyframe_tokenizer import KeyframeTokenizerStage
     from videolavit.models.keyframe_feature_decoder import KeyframeFeatureDecoderConfig
     from videolavit.models.keyframe_tokenizer import KeyframeTokenizerConfig
 
-    exports, made = imported
+    made = release[1]
     sizes = made["sizes"]
     stage = KeyframeTokenizerStage(KeyframeTokenizerConfig(**sizes["keyframe_tokenizer"]),
                                    KeyframeFeatureDecoderConfig(**sizes["keyframe_feature_decoder"]),
@@ -79,12 +68,12 @@ def test_keyframe_tokenizer_stage(imported):
     assert_started_from(stage.decoder.state_dict(), decoder, [k for k in decoder if decoder[k].is_floating_point()])
 
 
-def test_keyframe_detokenizer_stage(imported):
+def test_keyframe_detokenizer_stage(release, exports):
     from stages.keyframe_detokenizer import KeyframeDetokenizerStage
     from videolavit.models.keyframe_detokenizer import load_keyframe_detokenizer
     from videolavit.models.latent_space import VaeLatentSpace
 
-    exports, made = imported
+    made = release[1]
     config = load_keyframe_detokenizer(exports / "keyframe_detokenizer").config
     stage = KeyframeDetokenizerStage(init_from=str(exports), unet=config.unet, diffusion=config.diffusion,
                                      latent_space=VaeLatentSpace(str(exports / "keyframe_detokenizer" / "vae"),
@@ -99,11 +88,11 @@ def test_keyframe_detokenizer_stage(imported):
     assert_started_from(trained, source, [k for k in source if source[k].is_floating_point()])
 
 
-def test_video_detokenizer_stage(imported):
+def test_video_detokenizer_stage(release, exports):
     from stages.video_detokenizer import VideoDetokenizerStage
     from videolavit.models.video_detokenizer import load_video_detokenizer
 
-    exports, made = imported
+    made = release[1]
     model, latent_space = load_video_detokenizer(exports / "video_detokenizer")
     stage = VideoDetokenizerStage(detokenizer=model.config, latent_space=latent_space, init_from=str(exports),
                                   weights_from=str(exports / "video_detokenizer"), direction_clips=0)
@@ -124,11 +113,11 @@ def llm_batch(vocabulary, length: int = 16) -> dict:
     return {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(length).expand(2, -1).clone()}
 
 
-def test_pretrain_stage(imported):
+def test_pretrain_stage(release, exports):
     from stages.pretrain import PretrainStage
     from videolavit.inference.video_chat import read_llm_vocabulary
 
-    exports, made = imported
+    made = release[1]
     directory = str(exports / "pretrain")
     vocabulary = read_llm_vocabulary(directory)
     stage = PretrainStage(tokenizer_path=directory, vocabulary=vocabulary, llm_path=directory, init_from=directory)
@@ -140,10 +129,10 @@ def test_pretrain_stage(imported):
     assert_started_from(trained, source, ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_instruct_stage_on_codes_from_the_generation_llm(imported):
+def test_instruct_stage_on_codes_from_the_generation_llm(release, exports):
     from stages.instruct import InstructStage
 
-    exports, made = imported
+    made = release[1]
     stage = InstructStage(init_from=str(exports / "pretrain"), qa_eval_questions=0)
     assert stage.keyframe_input == "codes"
     fit_one_step(stage, llm_batch(stage.vocabulary))
