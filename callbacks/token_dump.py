@@ -4,29 +4,18 @@ Training does not read these dumps: the LLM stages read token shards written by 
 (``datamodules.tokenize_shards``: WebDataset tars, streamed, fingerprinted). A dump is a quick look at what a
 tokenizer checkpoint makes of a corpus (ids per clip, one JSON line each), e.g. to compare two checkpoints.
 The commands and the file layout are in ``TokenDumpWriter``'s docstring. The manifest is written last, so a
-dump without it is incomplete, and ``read_token_dump`` refuses it rather than return part of a corpus.
+dump without it is incomplete, and ``videolavit.token_dump.read_token_dump`` refuses it rather than return part of a corpus.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-FORMAT = "videolavit-token-dump"
-FORMAT_VERSION = 1
-
-
-def _manifest_path(directory: Path, name: str) -> Path:
-    return directory / f"{name}_tokens.json"
-
-
-def _rank_file(name: str, rank: int) -> str:
-    return f"{name}_tokens.rank{rank:05d}.jsonl"
-
+from videolavit.token_dump import FORMAT, FORMAT_VERSION, manifest_path, rank_file
 
 class TokenDumpWriter(BasePredictionWriter):
     """Write ``predict_step`` outputs ``{"key", "clip_start", "ids"}`` as JSONL, one file per rank.
@@ -72,9 +61,9 @@ class TokenDumpWriter(BasePredictionWriter):
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
-            _manifest_path(self.output_dir, self.name).unlink(missing_ok=True)
+            manifest_path(self.output_dir, self.name).unlink(missing_ok=True)
         # written under a temporary name, renamed when this rank has finished
-        self._path = self.output_dir / _rank_file(self.name, trainer.global_rank)
+        self._path = self.output_dir / rank_file(self.name, trainer.global_rank)
         self._partial = self._path.with_name(self._path.name + ".partial")
         self._file = open(self._partial, "w")
         self._count = 0
@@ -100,60 +89,16 @@ class TokenDumpWriter(BasePredictionWriter):
             grid = getattr(model, "token_grid", None)
             manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name,
-                "files": [_rank_file(self.name, r) for r in range(trainer.world_size)],
+                "files": [rank_file(self.name, r) for r in range(trainer.world_size)],
                 "clips": int(clips.item()),
                 "num_tokens": getattr(model, "num_tokens", None),
                 "token_grid": list(grid) if grid is not None else None,
                 "num_codes": getattr(config, "num_codes", None),
                 "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             }
-            _manifest_path(self.output_dir, self.name).write_text(json.dumps(manifest, indent=2))
+            manifest_path(self.output_dir, self.name).write_text(json.dumps(manifest, indent=2))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._file is not None:  # predict failed: leave the .partial file, no manifest
             self._file.close()
             self._file = None
-
-
-class TokenDumpError(RuntimeError):
-    """A token dump directory that is incomplete or contradicts itself."""
-
-
-def read_token_manifest(directory: str | Path, name: str = "motion") -> dict[str, Any]:
-    """The dump's manifest (files, ``num_tokens``, ``num_codes``); raises if the dump is incomplete."""
-    path = _manifest_path(Path(directory), name)
-    if not path.is_file():
-        raise TokenDumpError(f"{path} does not exist: no finished '{name}' token dump in {directory}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise TokenDumpError(f"{path} is not a {FORMAT} manifest")
-    return manifest
-
-
-def read_token_dump(directory: str | Path, name: str = "motion") -> dict[tuple[str, int], list[int]]:
-    """``{(key, clip_start): ids}`` of a finished dump.
-
-    A clip found twice with the same ids (a video listed in two shards) is kept once; with different
-    ids the dump is ambiguous and this raises.
-    """
-    directory = Path(directory)
-    manifest = read_token_manifest(directory, name)
-    field = f"{name}_ids"
-    tokens: dict[tuple[str, int], list[int]] = {}
-    records = 0
-    for file_name in manifest["files"]:
-        path = directory / file_name
-        if not path.is_file():
-            raise TokenDumpError(f"token dump {directory} lists {file_name}, which does not exist")
-        with open(path) as lines:
-            for number, line in enumerate(lines, 1):
-                record = json.loads(line)
-                clip = (record["key"], int(record["clip_start"]))
-                ids = record[field]
-                if clip in tokens and tokens[clip] != ids:
-                    raise TokenDumpError(f"{path}:{number}: clip {clip} appears again with different ids")
-                tokens[clip] = ids
-                records += 1
-    if records != manifest["clips"]:
-        raise TokenDumpError(f"token dump {directory} holds {records} clips, its manifest says {manifest['clips']}")
-    return tokens

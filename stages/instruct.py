@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from stages.base import OptimizerConfig, StageModule
 from stages.pretrain import PretrainStage
-from videolavit.inference.video_chat import QAScore, generate_text, read_llm_vocabulary
+from videolavit.evaluation.qa_score import QAScore
+from videolavit.inference.video_chat import generate_text, read_llm_vocabulary
 from videolavit.llm.keyframe_features import (check_keyframe_input, continuous_keyframe_features,
                                               read_keyframe_input, splice_keyframe_features, write_llm_spec)
 from videolavit.llm.sequences import IGNORE_INDEX

@@ -18,14 +18,8 @@ from tests.test_instruct import (  # noqa: F401  (module fixtures, rebuilt for t
 )
 from tests.video_factory import moving_square_frames, write_video
 from videolavit.commands import chat
-from videolavit.inference.video_chat import (
-    ModelDirectoryError,
-    QAScore,
-    TokenizerExportError,
-    VideoChat,
-    VideoInputError,
-    normalize_answer,
-)
+from videolavit.evaluation.qa_score import QAScore, normalize_answer
+from videolavit.inference.video_chat import ModelDirectoryError, TokenizerExportError, VideoChat, VideoInputError
 from videolavit.video import errors
 
 

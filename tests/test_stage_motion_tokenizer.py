@@ -17,7 +17,7 @@ from tests.ddp_fit import fit_two_processes, rank_state_callback
 from tests.stage_configs import stage_conf, write_stage_config
 from tests.tensorboard_scalars import scalars
 
-from callbacks.token_dump import TokenDumpError, read_token_dump, read_token_manifest
+from videolavit.token_dump import TokenDumpError, read_token_dump, read_token_manifest
 from datamodules.video_datamodule import VideoDataModule
 from datamodules.views import MotionView
 from stages.motion_tokenizer import EXPORT_NAME, MotionTokenizerStage

@@ -127,7 +127,8 @@ def answer_qa_file(questions: list[dict], videos: str | Path, out: str | Path, a
     has one). A video that cannot be used (not found, unreadable, too short, ...) is skipped with its reason and
     counted; its questions get no line. The accuracy (exact match after ``normalize_answer``, overall and per
     attribute, over the answered questions) is computed only when every reference answer is one word."""
-    from videolavit.inference.video_chat import QAScore, VideoInputError, is_one_word
+    from videolavit.evaluation.qa_score import QAScore, is_one_word
+    from videolavit.inference.video_chat import VideoInputError
 
     videos, out = Path(videos), Path(out)
     if not videos.is_dir():

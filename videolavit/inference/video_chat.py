@@ -7,18 +7,14 @@ text ids only (the steps: docs/design.md §8, "Chat"). Errors a user can act on 
 exports) and ``VideoInputError`` (a video that cannot be used; its ``reason`` is one of ``videolavit.video.errors``,
 e.g. ``unreadable`` or ``too_short``).
 
-``generate_text`` (decoding) and ``QAScore`` (exact-match accuracy, overall and per attribute) are shared with
-stage 3's validation (``stages.instruct``) and the ``chat`` command.
+``generate_text`` (decoding) is shared with stage 3's validation (``stages.instruct``) and the ``chat`` command;
+answers are scored by ``videolavit.evaluation.qa_score``.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import string
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -154,50 +150,6 @@ def generate_text(model, prompts: Sequence[Sequence[int]], *, vocabulary: Vocabu
     for row in out.tolist():
         produced.append(row[:row.index(eos_id)] if eos_id in row else row)
     return produced
-
-
-# ------------------------------------------------------------------------------------------- scoring
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, punctuation removed, whitespace collapsed: ``" Circle."`` -> ``"circle"``."""
-    return " ".join(_PUNCTUATION.sub(" ", str(text).lower()).split())
-
-
-def is_one_word(answer: str) -> bool:
-    return len(normalize_answer(answer).split()) == 1
-
-
-@dataclass
-class QAScore:
-    """Exact-match accuracy of predicted answers (after ``normalize_answer``), overall and per attribute."""
-
-    correct: int = 0
-    total: int = 0
-    per_attribute: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
-
-    def update(self, prediction: str, answer: str, attribute: str | None = None) -> bool:
-        hit = normalize_answer(prediction) == normalize_answer(answer)
-        self.correct += hit
-        self.total += 1
-        if attribute:
-            counts = self.per_attribute[attribute]
-            counts[0] += hit
-            counts[1] += 1
-        return hit
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else float("nan")
-
-    def attribute_accuracy(self) -> dict[str, float]:
-        return {name: hits / count for name, (hits, count) in sorted(self.per_attribute.items()) if count}
-
-    def summary(self) -> dict:
-        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total,
-                "per_attribute": {name: {"accuracy": hits / count, "correct": hits, "total": count}
-                                  for name, (hits, count) in sorted(self.per_attribute.items()) if count}}
 
 
 # ------------------------------------------------------------------------------------------- the chat
@@ -367,6 +319,6 @@ class VideoChat:
                                **kwargs)
 
 
-__all__ = ["VideoChat", "ModelDirectoryError", "TokenizerExportError", "VideoInputError", "QAScore",
-           "generate_text", "normalize_answer", "is_one_word", "read_llm_vocabulary", "load_llm",
+__all__ = ["VideoChat", "ModelDirectoryError", "TokenizerExportError", "VideoInputError",
+           "generate_text", "read_llm_vocabulary", "load_llm",
            "check_llm_directory", "template_by_name", "TEMPLATES", "VOCABULARY_FILE", "RELEASE_MIN_NEW_TOKENS"]
