@@ -16,7 +16,7 @@ from tests.stage_configs import stage_conf, write_stage_config
 from tests.tensorboard_scalars import scalars
 from safetensors.torch import load_file, save_file
 
-from callbacks.token_dump import read_token_dump, read_token_manifest
+from videolavit.token_dump import read_token_dump, read_token_manifest
 from datamodules.video_datamodule import VideoDataModule
 from datamodules.views import KeyframeView
 from stages.keyframe_tokenizer import (
