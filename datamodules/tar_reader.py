@@ -205,14 +205,22 @@ def iter_tar_samples(url: str, required: tuple[str, ...] = FIELDS) -> Iterator[d
     lost = None  # where the shard was cut, if it was
     delivered, dropped = 0, 0
 
+    shard_fields: set[str] = set()  # members of this shard's intact samples (video and token shards differ)
+
+    def needed() -> set[str]:
+        """The members a sample of this shard must have: those its intact samples had, else ``required``."""
+        return shard_fields or set(required)
+
     def keep(sample: dict, near_damage: bool) -> bool:
         """Whether to yield ``sample``: one next to damage that lacks a member is counted and dropped."""
         nonlocal dropped
-        missing = [f for f in required if f not in sample]
+        missing = sorted(needed() - sample.keys())
         if near_damage and missing:
             dropped += 1
             SKIPS.record(f"{url}:{sample['__key__']}", CORRUPT_MEMBER, f"a damaged member header took its {missing}")
             return False
+        if not near_damage:
+            shard_fields.update(name for name in sample if not name.startswith("__"))
         return True
 
     try:
@@ -244,7 +252,7 @@ def iter_tar_samples(url: str, required: tuple[str, ...] = FIELDS) -> Iterator[d
         lost = lost or "-"
         lost += f" (close: {type(exc).__name__}: {exc})"
     if pending is not None:
-        if lost is not None and not all(f in pending for f in required):
+        if lost is not None and not needed() <= pending.keys():
             pass  # the cut sample: counted with the cut below
         elif keep(pending, suspect or damage_before):
             delivered += 1

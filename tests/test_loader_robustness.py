@@ -6,6 +6,7 @@ each test builds exactly the damage it probes.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -203,6 +204,31 @@ def test_a_cut_shard_counts_every_lost_sample_when_the_manifest_knows_them(tmp_p
     dm = motion_dm(val_shards=[shard], batch_size=2, num_workers=1)
     assert sorted(val_keys(dm)) == ["s0", "s1", "s2"]
     assert dm.skipped == {errors.TRUNCATED_SHARD: 5}  # s3..s7, from the manifest's count
+
+
+def test_a_shard_cut_after_its_last_complete_token_sample_keeps_that_sample(tmp_path):
+    # Token shards hold other members than video shards: the sample that was whole where the archive was cut
+    # (only its end-of-archive blocks lost) is kept, judged by the members of the shard's own samples.
+    shard = tmp_path / "tokens.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            for ext, data in (("txt", b"a caption"), ("json", b"{}"), ("ids.npy", bytes(16))):
+                info = tarfile.TarInfo(f"t{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(shard) as tar:
+        last = tar.getmember("t2.ids.npy")
+        end = last.offset_data + -(-last.size // 512) * 512  # where the zero blocks begin
+    shard.write_bytes(shard.read_bytes()[:end])
+    SKIPS.start_stream()
+    assert [s["__key__"] for s in iter_tar_samples(str(shard))] == ["t0", "t1", "t2"]
+    assert SKIPS.counts == {errors.TRUNCATED_SHARD: 1}  # the cut is still counted (no manifest)
+    with tarfile.open(shard) as tar:
+        cut_inside = tar.getmember("t2.json").offset_data + 1  # t2 loses its ids: counted with the cut
+    shard.write_bytes(shard.read_bytes()[:cut_inside])
+    SKIPS.start_stream()
+    assert [s["__key__"] for s in iter_tar_samples(str(shard))] == ["t0", "t1"]
+    assert SKIPS.counts == {errors.TRUNCATED_SHARD: 1}
 
 
 def test_an_unopenable_shard_counts_the_manifests_samples(tmp_path):
