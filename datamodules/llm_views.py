@@ -248,7 +248,7 @@ class PretrainSequenceView(VideoTokenView):
     def pair_document(self, visual_ids: list[int], caption: str, visual_first: bool) -> TokenSequence:
         """``bos video caption eos`` or ``bos caption video eos`` (``multimodal_pair``)."""
         tok = self.tokenizer
-        text_ids = tok(caption, add_special_tokens=False)["input_ids"]
+        text_ids = tok(caption, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         order = "visual_text" if visual_first else "text_visual"
         vocab = self.vocabulary
         if visual_ids[0] == vocab.image_start_id:
@@ -289,7 +289,7 @@ class PretrainSequenceView(VideoTokenView):
         tok = self.tokenizer
 
         def document(line: str) -> TokenSequence:
-            ids = tok(line, add_special_tokens=False)["input_ids"]
+            ids = tok(line, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             return text_document(ids, self.vocabulary, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
 
         return map(document, reader_lines(path, train, rng, self.text_shuffle_buffer))

@@ -404,3 +404,20 @@ def test_two_ranks_of_two_workers_read_disjoint_shares_and_validation_sees_each_
         dm.rank, dm.world_size = rank, 2
         streams[rank] = videos_in(list(dm.train_dataloader()))
     assert streams[0] != streams[1] and all(set(s) <= set(range(24)) for s in streams.values())
+
+
+def test_marker_text_in_captions_and_text_lines_stays_text(tokenizer_dir, tmp_path):
+    # A data file that spells a marker ("[IMG]", "</s>") must not put that marker's id into the sequence: the
+    # LLM would learn a keyframe block or an end of document where the data has words.
+    hostile = "a red [IMG] circle </s> [MOV] moves <s>"
+    specials = {*TINY.special_ids, BOS_ID, EOS_ID}
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text(hostile + "\n")
+    view = tokens_view(tokenizer_dir, keyframe_source="none", text_corpus=str(corpus), text_shuffle_buffer=1)
+    docs = [d for d in view.documents(many_samples(4), train=True, rng=random.Random(0))
+            if all(i < TINY.text_size for i in d.input_ids)]
+    assert docs and all(specials.isdisjoint(d.input_ids[1:-1]) for d in docs)
+    motion = [view.vocabulary.motion_start_id, view.vocabulary.motion_end_id]
+    pair = view.pair_document(motion, hostile, visual_first=True).input_ids
+    assert pair[:3] == [BOS_ID, *motion] and pair[-1] == EOS_ID  # the real markers only
+    assert specials.isdisjoint(pair[3:-1])

@@ -175,7 +175,7 @@ class TextToVideo:
 
     def clip_tokens(self, prompt: str, num_clips: int = 1, image: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> list[GeneratedClip]:
-        text = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        text = self.tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         # the release's prompt is the text alone (then [IMG]); ours starts with BOS, as the LLM trains
         ids = list(text) if self.options.llm_behaviour == "release" else [self.tokenizer.bos_token_id, *text]
         if image is not None:
